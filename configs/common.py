@@ -39,6 +39,7 @@ def get_config(arg=None):
     config.model.checkpoint = "checkpoints/webli_en_so400m_384_58765454.npz"
     config.model.tokenizer = "checkpoints/c4_en.model"
     config.model.variant = ""  # empty: read the architecture from the checkpoint
+    config.model.image_size = 0  # 0: the checkpoint's own resolution
     config.model.dtype = "float32"
 
     # Caption database written by launch/build_database.py.
@@ -59,10 +60,9 @@ def get_config(arg=None):
     # reference release's (where tau_i2t has no effect).
     config.weighting = "softmax"
 
-    # Hyper-parameters: swept on the train split when `sweep` is True, used as
-    # given when it is False.
+    # Hyper-parameters: chosen by Acc@1 on the train split over `grid` when
+    # `sweep` is True, used as given when it is False.
     config.sweep = True
-    config.sweep_metric = "acc1"
     config.alpha = 0.5
     config.beta = 0.5
     config.tau_i2t = 1.0
@@ -91,8 +91,8 @@ def get_config(arg=None):
     config.overwrite = False
     config.resume = False
 
-    # "skip": unreadable images are counted, logged and listed in results.json;
-    # "raise": the first one stops the run with its file name.
+    # "skip": missing or unreadable images are counted, logged and listed in
+    # results.json; "raise": the first one stops the run with its file name.
     config.on_error = "skip"
     config.seed = 0
 
@@ -107,6 +107,8 @@ def get_config(arg=None):
     config.dataset.name = ""
     config.dataset.source = "csv"  # "csv" (reference layout) or "tfds"
     config.dataset.root = ""
+    # Where the CSVs' file names are relative to; empty: `root`.
+    config.dataset.images_dir = ""
     config.dataset.train_split = "train"
     config.dataset.test_split = "test"
     config.dataset.templates = ("A photo of a {}.",)
