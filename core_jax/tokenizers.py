@@ -93,14 +93,20 @@ class SiglipTokenizer:
             self.eos_id,
         )
 
-    def encode_one(self, text: str) -> list[int]:
-        """Token ids of one text, with no EOS, truncation or padding."""
-        if not isinstance(text, str):
-            raise ValueError(f"texts must be str, got {type(text).__name__}")
-        text = canonicalize(WORD_BOUNDARY + text.replace(WORD_BOUNDARY, " "))
-        pieces = self._processor.encode(self._unk_piece + text, out_type=str)
-        pieces = pieces[self._prefix_tokens :]
-        return [self._processor.piece_to_id(piece) for piece in pieces]
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, with no EOS, truncation or padding."""
+        for row, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"texts[{row}] must be str, got {type(text).__name__}")
+        prefixed = [
+            self._unk_piece
+            + canonicalize(WORD_BOUNDARY + text.replace(WORD_BOUNDARY, " "))
+            for text in texts
+        ]
+        # An unknown piece comes out as its surface text with out_type=str, and
+        # as the unknown id with out_type=int: the ids are the same either way.
+        encoded = self._processor.encode(prefixed, out_type=int, num_threads=2)
+        return [ids[self._prefix_tokens :] for ids in encoded]
 
     def __call__(self, texts: Sequence[str]) -> np.ndarray:
         """Tokenizes a batch of texts.
@@ -116,8 +122,8 @@ class SiglipTokenizer:
         if isinstance(texts, str):
             raise ValueError("texts must be a sequence of str, got one str")
         tokens = np.full((len(texts), self.length), self.eos_id, dtype=np.int32)
-        for row, text in enumerate(texts):
-            ids = self.encode_one(text)[: self.length - 1]
+        for row, ids in enumerate(self.encode(texts)):
+            ids = ids[: self.length - 1]
             tokens[row, : len(ids)] = ids
         return tokens
 

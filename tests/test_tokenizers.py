@@ -133,5 +133,5 @@ def test_a_single_string_is_refused(tokenizer):
 
 
 def test_non_string_item_is_refused(tokenizer):
-    with pytest.raises(ValueError, match="NoneType"):
+    with pytest.raises(ValueError, match=r"texts\[1\] must be str, got NoneType"):
         tokenizer(["a dog", None])
