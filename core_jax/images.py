@@ -5,8 +5,10 @@ Decoding conventions (one for every caller):
   them.
 - Transparency (RGBA, LA, PA, palette or grey/RGB images with a transparent
   colour) is composited over a white background, `BACKGROUND`.
-- 16-bit images are scaled to 8 bits (`round(v * 255 / 65535)`), never
-  clipped; 32-bit float images are read as values in [0, 1].
+- 16-bit images are scaled to 8 bits, never clipped: grey ones as
+  `round(v * 255 / 65535)`; colour ones as Pillow decodes them, keeping the
+  high byte (`v // 256`, within one level of the former). 32-bit float
+  images are read as values in [0, 1].
 - CMYK images (mostly JPEGs) are converted through their embedded ICC profile
   when they carry one, else with Pillow's CMYK conversion (which undoes the
   inversion Adobe writes into CMYK JPEGs).

@@ -31,6 +31,23 @@ def _png_declaring(width, height):
     )
 
 
+def _png(width, height, colour_type, rows):
+    """A PNG written byte by byte, for layouts Pillow cannot write."""
+
+    def chunk(kind, data):
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", width, height, 16, colour_type, 0, 0, 0)
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in rows)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
+
+
 def _raises_naming(path, *match):
     with pytest.raises(images.ImageError) as caught:
         images.load(path)
@@ -118,6 +135,26 @@ def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
     # round(v * 255 / 65535): 1000 -> 4 (clipping would give 255).
     np.testing.assert_array_equal(got[0, :, 0], [0, 1, 4, 128, 255])
     np.testing.assert_array_equal(got[..., 0], got[..., 2])
+
+
+def test_sixteen_bit_rgb_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep_rgb.png"
+    values = np.array([[[0, 1000, 65535], [32896, 257, 128]]], dtype=np.uint16)
+    path.write_bytes(_png(2, 1, 2, values))
+
+    got = images.load(path)
+
+    # Pillow keeps the high byte, floor(v / 256), within one level of
+    # round(v * 255 / 65535); clipping would turn 1000 into 255.
+    np.testing.assert_array_equal(got, [[[0, 3, 255], [128, 1, 0]]])
+
+
+def test_corrupt_png_data(tmp_path):
+    path = tmp_path / "corrupt.png"
+    data = bytearray(_png(8, 8, 2, np.zeros((8, 8, 3), np.uint16)))
+    data[45:52] = b"\xff" * 7  # inside the compressed pixel data (from byte 41)
+    path.write_bytes(bytes(data))
+    _raises_naming(path)
 
 
 def test_palette_png_with_transparency_on_white(tmp_path):
