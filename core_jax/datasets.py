@@ -256,7 +256,8 @@ def _resolve(base: str, relative: str) -> tuple[str | None, str]:
         return None, f"{path} does not exist"
 
     found = [path + ext for ext in IMAGE_EXTENSIONS if os.path.isfile(path + ext)]
-    if len(found) > 1 and len({os.path.realpath(f) for f in found}) > 1:
+    # On a case-insensitive file system ".jpg" and ".JPG" name one file.
+    if any(not os.path.samefile(found[0], other) for other in found[1:]):
         return None, f"ambiguous: {found} all exist"
     if not found:
         return None, f"{path} does not exist, with or without an image extension"
