@@ -8,7 +8,7 @@ Decoding conventions (one for every caller):
 - 16-bit images are scaled to 8 bits, never clipped: grey ones as
   `round(v * 255 / 65535)`; colour ones as Pillow decodes them, keeping the
   high byte (`v // 256`, within one level of the former). 32-bit float
-  images are read as values in [0, 1].
+  images are read as values in [0, 1] (values outside are clipped).
 - CMYK images (mostly JPEGs) are converted through their embedded ICC profile
   when they carry one, else with Pillow's CMYK conversion (which undoes the
   inversion Adobe writes into CMYK JPEGs).
@@ -99,6 +99,8 @@ def load(
         raise ImageError(f"{path}: decompression bomb refused ({error})") from None
     except Image.UnidentifiedImageError:
         raise ImageError(f"{path}: not an image file Pillow can read") from None
+    except (PermissionError, FileNotFoundError, IsADirectoryError) as error:
+        raise ImageError(f"{path}: cannot read image file ({error.strerror})") from None
     except OSError as error:
         # Pillow reports truncated or corrupt pixel data as OSError.
         raise ImageError(f"{path}: truncated or corrupt image ({error})") from None

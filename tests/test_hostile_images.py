@@ -149,6 +149,24 @@ def test_sixteen_bit_rgb_png_is_scaled_not_clipped(tmp_path):
     np.testing.assert_array_equal(got, [[[0, 3, 255], [128, 1, 0]]])
 
 
+def test_float_tiff_is_read_as_unit_range(tmp_path):
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.array([[0.0, 0.5, 1.0, 2.0]], np.float32)).save(path)
+    np.testing.assert_array_equal(images.load(path)[0, :, 1], [0, 128, 255, 255])
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "locked.png"
+    Image.new("RGB", (2, 2)).save(path)
+    path.chmod(0)
+    try:
+        with open(path, "rb"):
+            pytest.skip("running with permission to read any file")
+    except PermissionError:
+        pass
+    _raises_naming(path, "cannot read")
+
+
 def test_corrupt_png_data(tmp_path):
     path = tmp_path / "corrupt.png"
     data = bytearray(_png(8, 8, 2, np.zeros((8, 8, 3), np.uint16)))
