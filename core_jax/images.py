@@ -186,7 +186,8 @@ def resize(image: np.ndarray, size: int, *, antialias: bool = False) -> np.ndarr
         ]
         return np.stack(channels, axis=-1).astype(np.float32)
 
-    image = image.astype(np.float32)
+    # Rows are gathered before conversion to float, so a large image is never
+    # copied whole as float32.
     rows = _interpolate_axis(image, size, axis=0)
     return _interpolate_axis(rows, size, axis=1)
 
@@ -201,8 +202,8 @@ def _interpolate_axis(image: np.ndarray, size: int, axis: int) -> np.ndarray:
     shape = [1] * image.ndim
     shape[axis] = size
     weight = weight.reshape(shape)
-    low = np.take(image, lower, axis=axis)
-    high = np.take(image, upper, axis=axis)
+    low = np.take(image, lower, axis=axis).astype(np.float32)
+    high = np.take(image, upper, axis=axis).astype(np.float32)
     return low + (high - low) * weight
 
 
