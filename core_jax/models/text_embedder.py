@@ -769,7 +769,7 @@ class Encoder:
                 ids = jax.device_put(ids, placement)
                 mask = jax.device_put(mask, placement)
             emb = self._embed(self.params, ids, mask)
-            out[chosen] = np.asarray(emb[:n], dtype=np.float32)
+            out[chosen] = np.asarray(emb, dtype=np.float32)[:n]
         return out
 
 
