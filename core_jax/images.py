@@ -14,6 +14,8 @@ Decoding conventions (one for every caller):
   inversion Adobe writes into CMYK JPEGs).
 - Animated GIF/PNG/WebP and multi-page TIFF: the first frame only.
 - Grey images become RGB by repeating the grey level.
+- Only the photographic formats of `IMAGE_FORMATS` are opened; a file in any
+  other format (EPS, PDF, FITS...) is "not an image".
 
 A file that cannot become an image raises `ImageError` (a `ValueError`) whose
 message names the file and the reason: missing, empty, not an image,
@@ -44,6 +46,25 @@ from absl import logging
 from PIL import Image, ImageCms, ImageOps
 
 BACKGROUND = (255, 255, 255)
+
+# The formats `load` opens. Others that Pillow knows are refused: EPS would run
+# Ghostscript on untrusted bytes, and the scientific and vector formats are no
+# photographs.
+IMAGE_FORMATS = (
+    "JPEG",
+    "PNG",
+    "GIF",
+    "WEBP",
+    "TIFF",
+    "BMP",
+    "PPM",
+    "TGA",
+    "JPEG2000",
+    "AVIF",
+    "ICO",
+    "PCX",
+    "QOI",
+)
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's default limit (a 0.25 GiB RGBA image).
 
 _TRANSPARENT_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
@@ -82,7 +103,7 @@ def load(
         raise ImageError(f"{path}: empty file (0 bytes), expected an image")
 
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=_available_formats()) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageError(
@@ -98,7 +119,10 @@ def load(
     except Image.DecompressionBombError as error:
         raise ImageError(f"{path}: decompression bomb refused ({error})") from None
     except Image.UnidentifiedImageError:
-        raise ImageError(f"{path}: not an image file Pillow can read") from None
+        raise ImageError(
+            f"{path}: not an image file in a readable format "
+            f"({', '.join(_available_formats())})"
+        ) from None
     except (PermissionError, FileNotFoundError, IsADirectoryError) as error:
         raise ImageError(f"{path}: cannot read image file ({error.strerror})") from None
     except OSError as error:
@@ -111,6 +135,11 @@ def load(
         raise ImageError(
             f"{path}: cannot decode image ({type(error).__name__}: {error})"
         ) from None
+
+
+def _available_formats() -> list[str]:
+    Image.init()
+    return [name for name in IMAGE_FORMATS if name in Image.OPEN]
 
 
 def _upright(image: Image.Image, path: str) -> Image.Image:

@@ -79,6 +79,12 @@ def test_not_an_image(tmp_path):
     _raises_naming(path, "not an image")
 
 
+def test_postscript_is_never_interpreted(tmp_path):
+    path = tmp_path / "drawing.eps"
+    path.write_text("%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n")
+    _raises_naming(path, "not an image")
+
+
 def test_truncated_jpeg(tmp_path):
     buffer = io.BytesIO()
     Image.open(SKIMAGE_DATA / "astronaut.png").convert("RGB").save(buffer, "JPEG")
