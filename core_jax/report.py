@@ -19,7 +19,7 @@ import math
 import os
 import pathlib
 import platform
-import tempfile
+import uuid
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -62,8 +62,9 @@ def _atomic_open(path: str | os.PathLike, mode: str = "w", **kwargs):
     """Opens a temporary file beside `path`; `_commit` renames it into place."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    return os.fdopen(fd, mode, **kwargs), pathlib.Path(tmp)
+    # Not tempfile.mkstemp: its files are private (0600); results are shared.
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    return open(tmp, mode.replace("w", "x"), **kwargs), tmp
 
 
 def _commit(handle, tmp: pathlib.Path, path: str | os.PathLike) -> None:
