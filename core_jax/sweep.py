@@ -606,23 +606,45 @@ def decomposed_logits(
       Logits, shape (A, B, Ti, Tt, N, C).
     """
     _check_inputs(images, classes)
-    z = jnp.asarray(_as_float32(images.emb))
-    w = jnp.asarray(_as_float32(classes.emb))
-    class_retrieved, class_mix, class_inverse_norm = _class_side(
-        w,
-        _as_float32(classes.nbrs),
-        _as_float32(classes.sims),
-        jnp.asarray(_mask_or_all(classes.mask, classes.sims)),
-        jnp.asarray(grid.alphas, jnp.float32),
-        jnp.asarray(grid.taus_t2t, jnp.float32),
-    )
-    image_retrieved, has_neighbours = _image_side(
-        z,
+    return _decomposed_logits(
+        _as_float32(images.emb),
         _as_float32(images.nbrs),
         _as_float32(images.sims),
-        jnp.asarray(_mask_or_all(images.mask, images.sims)),
-        jnp.asarray(grid.taus_i2t, jnp.float32),
-        weighting,
+        _mask_or_all(images.mask, images.sims),
+        _as_float32(classes.emb),
+        _as_float32(classes.nbrs),
+        _as_float32(classes.sims),
+        _mask_or_all(classes.mask, classes.sims),
+        np.asarray(grid.alphas, np.float32),
+        np.asarray(grid.betas, np.float32),
+        np.asarray(grid.taus_i2t, np.float32),
+        np.asarray(grid.taus_t2t, np.float32),
+        weighting=weighting,
+    )
+
+
+@functools.partial(jax.jit, static_argnames="weighting")
+def _decomposed_logits(
+    z,
+    image_nbrs,
+    image_sims,
+    image_mask,
+    w,
+    class_nbrs,
+    class_sims,
+    class_mask,
+    alphas,
+    betas,
+    taus_i2t,
+    taus_t2t,
+    *,
+    weighting,
+):
+    class_retrieved, class_mix, class_inverse_norm = _class_side(
+        w, class_nbrs, class_sims, class_mask, alphas, taus_t2t
+    )
+    image_retrieved, has_neighbours = _image_side(
+        z, image_nbrs, image_sims, image_mask, taus_i2t, weighting
     )
 
     dot = functools.partial(jnp.einsum, precision=_HIGHEST)
@@ -635,7 +657,7 @@ def decomposed_logits(
     rr = jnp.sum(jnp.square(image_retrieved), axis=-1)
 
     a = class_mix[:, None, None, None, None, :]  # (A, 1, 1, 1, 1, C)
-    b = jnp.asarray(grid.betas, jnp.float32)[:, None] * has_neighbours  # (B, N)
+    b = betas[:, None] * has_neighbours  # (B, N)
     b = b[None, :, None, None, :, None]  # (1, B, 1, 1, N, 1)
     numerator = (
         (1 - b) * (1 - a) * z_w
@@ -652,7 +674,7 @@ def decomposed_logits(
     inverse_row = jnp.where(b == 0, 1.0, 1.0 / row_norm)
     inverse_column = class_inverse_norm[:, None, None, :, None, :]  # (A,1,1,Tt,1,C)
     logits = numerator * inverse_row * inverse_column
-    chex.assert_shape(logits, (*grid.shape, z.shape[0], w.shape[0]))
+    chex.assert_rank(logits, 6)
     return logits
 
 
