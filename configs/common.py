@@ -44,11 +44,10 @@ def get_config(arg=None):
 
     # Caption database written by launch/build_database.py.
     config.database_dir = "databases/captions"
-    # Which stored embedding column text-to-text retrieval searches. "siglip"
-    # uses the SigLIP text tower on both sides; the paper uses an LLM embedder,
-    # whose column name the database builder reports, with its model folder in
-    # `t2t_encoder_path`.
-    config.t2t_column = "siglip"
+    # Text-to-text retrieval searches the database's "t2t" column. When the
+    # database was built with an LLM embedder there (as in the paper), give
+    # the same Hugging Face folder here to encode the class prompts; when its
+    # "t2t" column is SigLIP's text tower, leave this empty.
     config.t2t_encoder_path = ""
 
     # Retrieval.

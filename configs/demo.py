@@ -6,8 +6,8 @@ On first run it writes a small labelled image set (scikit-image's sample
 images, cropped and flipped), a caption corpus, a SentencePiece model, a
 small SigLIP checkpoint with RANDOM weights and a caption database into
 `demo.workdir`, then runs the whole evaluation there. With random weights
-the accuracies are at chance level: the demo shows the job, not the method's
-accuracy. Move everything elsewhere with `--config.demo.workdir=/tmp/demo`.
+the accuracies are near chance and mean nothing: the demo shows the job, not
+the method's accuracy. Move everything elsewhere with `--config.demo.workdir=/tmp/demo`.
 """
 
 from ml_collections import config_dict
@@ -16,9 +16,10 @@ from configs import common
 
 NOTICE = (
     "DEMO WITH RANDOM WEIGHTS: the SigLIP checkpoint was initialised at random "
-    "(no pretrained weights can be downloaded here), so accuracies are at "
-    "chance level. The demo shows that every stage runs and what a run "
-    "writes, not how well CoRE works."
+    "(no pretrained weights can be downloaded here), so the accuracies say "
+    "nothing about how well CoRE works: chance is 1 in 12 (8.3%), and random "
+    "features land near it, sometimes somewhat above. The demo shows that "
+    "every stage runs and what a run writes."
 )
 
 

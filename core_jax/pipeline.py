@@ -487,22 +487,36 @@ class Resources:
     def database_fingerprint(self) -> str:
         # The manifest lists the database's counts, models and checksums, so it
         # changes whenever the stored captions or embeddings do.
-        manifests = sorted(self.database_path.glob("*.json"))
-        if not manifests:
+        return _hash_json(self.manifest)
+
+    @functools.cached_property
+    def manifest(self) -> dict:
+        path = self.database_path / "manifest.json"
+        try:
+            return json.loads(path.read_text("utf-8"))
+        except (OSError, ValueError) as error:
             raise PipelineError(
-                f"caption database {str(self.database_path)!r} has no manifest; "
-                "build it with launch/build_database.py"
-            )
-        return _hash_json([fingerprint_path(m) for m in manifests])
+                f"{path}: cannot read the caption database's manifest ({error}); "
+                "build the database with launch/build_database.py, or resume its "
+                "build if it was interrupted"
+            ) from None
+
+    @functools.cached_property
+    def t2t_is_siglip(self) -> bool:
+        """Whether the database's "t2t" column is SigLIP's text tower."""
+        columns = self.manifest.get("columns", {})
+        column = columns.get("t2t", {"alias": "siglip"})
+        return column.get("alias") == "siglip" or column == columns.get("siglip")
 
     @functools.cached_property
     def t2t_fingerprint(self) -> str:
-        if self.config.t2t_column == "siglip":
+        if self.t2t_is_siglip:
             return _hash_json([self.checkpoint_fingerprint, self.tokenizer_fingerprint])
+        encoder = self.manifest["columns"]["t2t"].get("encoder", "an LLM embedder")
         path = _existing(
             self.config.t2t_encoder_path,
             "--config.t2t_encoder_path",
-            f"text-to-text encoder for column {self.config.t2t_column!r}",
+            f"the database's t2t column was built by {encoder}; its model folder",
         )
         return fingerprint_path(path, self.memo)
 
@@ -521,11 +535,17 @@ class Resources:
 
         from core_jax.models import siglip
 
+        dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+        if self.config.model.dtype not in dtypes:
+            raise PipelineError(
+                f"model.dtype={self.config.model.dtype!r}; expected one of "
+                f"{sorted(dtypes)}"
+            )
         start = time.perf_counter()
         model, params = siglip.load(
             self.checkpoint_path,
             self.config.model.variant or None,
-            dtype=getattr(jnp, self.config.model.dtype),
+            dtype=dtypes[self.config.model.dtype],
             image_size=self.config.model.image_size or None,
         )
         logging.info(
@@ -571,21 +591,51 @@ class Resources:
 
     @functools.cached_property
     def t2t_encoder(self):
-        if self.config.t2t_column == "siglip":
+        """Encodes class prompts for the "t2t" column (as queries)."""
+        if self.t2t_is_siglip:
             return self.text_encoder
         from core_jax.models import text_embedder
 
-        encoder = text_embedder.Encoder(
-            self.config.t2t_encoder_path, batch_size=self.config.text_batch_size
+        self.t2t_fingerprint  # noqa: B018  (checks the path is given)
+        documents = text_embedder.Encoder(
+            self.config.t2t_encoder_path,
+            batch_size=self.config.text_batch_size,
+            mesh=self.mesh,
         )
-        return encoder.for_queries()
+        stored = self.manifest["columns"]["t2t"]
+        if documents.fingerprint != stored.get("fingerprint"):
+            raise PipelineError(
+                f"{self.config.t2t_encoder_path} is not the text-to-text encoder "
+                f"the database {self.database_path} was built with "
+                f"({stored.get('encoder')}); pass that model's folder as "
+                "--config.t2t_encoder_path"
+            )
+        return documents.for_queries()
 
     @functools.cached_property
     def database(self):
         from core_jax import database
 
-        db = database.open(self.database_path)
-        logging.info("Opened caption database %s", self.database_path)
+        db = database.open(self.database_path, mesh=self.mesh)
+        column = db.manifest["columns"]["siglip"]
+        if "siglip" in self.__dict__:
+            model, _ = self.siglip
+            if int(column["dim"]) != model.embed_dim:
+                raise PipelineError(
+                    f"the caption database {self.database_path} holds "
+                    f"{column['dim']}-d SigLIP embeddings but the checkpoint "
+                    f"{self.checkpoint_path} gives {model.embed_dim}-d ones; "
+                    "build the database with this checkpoint"
+                )
+            if column.get("fingerprint") != self.text_encoder.fingerprint:
+                logging.warning(
+                    "The caption database %s was built by %s with other weights, "
+                    "tokenizer or dtype than %s; its captions may not match this "
+                    "model's image embeddings",
+                    self.database_path,
+                    column.get("encoder"),
+                    self.checkpoint_path,
+                )
         return db
 
 
@@ -694,7 +744,6 @@ def class_neighbours_stage(
     prompts = retrieval_prompts(classes.names, classes.common, template)
     fields = {
         "t2t_encoder": resources.t2t_fingerprint,
-        "column": config.t2t_column,
         "database": resources.database_fingerprint,
         "prompts": prompts,
         **_retrieval_fields(config),
@@ -706,7 +755,7 @@ def class_neighbours_stage(
             resources.database,
             queries,
             config,
-            column=config.t2t_column,
+            column="t2t",
             description="t2t retrieval",
         )
         return found, {"prompts": prompts}
