@@ -491,3 +491,18 @@ def test_encoder_on_mesh_matches_single_device(mistral, encoder, real_captions):
     sharded = text_embedder.Encoder(mistral[0], batch_size=8, mesh=mesh).encode(texts)
 
     np.testing.assert_allclose(sharded, single, atol=1e-5)
+
+
+def test_fingerprint_is_stable_and_tracks_weights_and_dtype(mistral, encoder, tmp_path):
+    again = text_embedder.Encoder(mistral[0], batch_size=8)
+    assert again.fingerprint == encoder.fingerprint
+
+    in_bfloat16 = text_embedder.Encoder(mistral[0], dtype=jnp.bfloat16)
+    assert in_bfloat16.fingerprint != encoder.fingerprint
+
+    folder = copy_folder(mistral[0], tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["norm.weight"] = tensors["norm.weight"] + 1.0  # same shapes and sizes
+    save_file(tensors, folder / "model.safetensors")
+    retrained = text_embedder.Encoder(folder)
+    assert retrained.fingerprint != encoder.fingerprint

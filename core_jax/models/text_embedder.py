@@ -26,6 +26,7 @@ keep their (out, in) layout, so loading needs no renaming or transposing.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -79,6 +80,7 @@ class Config:
     sliding_window: int | None = None
     attention_bias: bool = False
     mlp_bias: bool = False
+    model_type: str = "mistral"
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config") -> Config:
@@ -133,6 +135,7 @@ class Config:
                 sliding_window=None if window is None else int(window),
                 attention_bias=bool(hf.get("attention_bias", False)),
                 mlp_bias=bool(hf.get("mlp_bias", False)),
+                model_type=model_type,
             )
         except KeyError as error:
             raise ConfigError(f"{source}: missing required key {error}") from error
@@ -570,7 +573,7 @@ def load(
         "loaded text embedder from %s: %s, %d layers, width %d, %d heads "
         "(%d key/value), %.1fM parameters, %s",
         folder,
-        _model_type_of(folder),
+        config.model_type,
         config.num_hidden_layers,
         config.hidden_size,
         config.num_attention_heads,
@@ -583,11 +586,6 @@ def load(
 
 def _param_path(name: str) -> list[str]:
     return re.sub(r"^layers\.(\d+)\.", r"layers_\1.", name).split(".")
-
-
-def _model_type_of(folder: str) -> str:
-    with open(os.path.join(folder, CONFIG_FILE), encoding="utf-8") as f:
-        return str(json.load(f).get("model_type"))
 
 
 def init_random(model: TextEmbedder, seed: int = 0) -> dict:
@@ -635,72 +633,79 @@ class Encoder:
         max_length: int = 512,
         query_format: str = DEFAULT_QUERY_FORMAT,
         append_eos: bool | None = None,
-        _shared: tuple | None = None,
-        _task: str | None = None,
     ):
-        self.folder = os.fspath(folder)
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.query_format = query_format
-        self.task = _task
+        """Loads the model and tokenizer of `folder`.
+
+        Args:
+          folder: an HF folder with config.json, safetensors weights and a
+            tokenizer (tokenizer.json or tokenizer.model + tokenizer_config).
+          dtype: float32 or bfloat16.
+          mesh: optional ("batch", "model") mesh: parameters sharded over
+            "model", batches over "batch".
+          batch_size: texts per jitted call (rounded up to the batch axis).
+          max_length: tokens per text, EOS included; longer texts are cut.
+          query_format: how `for_queries` builds a query, with {task} and
+            {query} fields.
+          append_eos: None to detect whether the tokenizer already ends rows
+            with EOS; True/False to force.
+        """
+        from transformers import AutoTokenizer
+
         if "{query}" not in query_format or "{task}" not in query_format:
             raise ValueError(
                 f"query_format {query_format!r} must contain {{task}} and {{query}}"
             )
+        self.folder = os.fspath(folder)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.query_format = query_format
+        self.task: str | None = None
+        self.mesh = mesh
 
-        if _shared is None:
-            _shared = self._build(self.folder, dtype, mesh, append_eos)
-        self._shared = _shared
-        (
-            self.model,
-            self.params,
-            self.tokenizer,
-            self.append_eos,
-            self.mesh,
-            self._embed,
-            base_fingerprint,
-        ) = _shared
+        self.model, self.params = load(self.folder, dtype=dtype, mesh=mesh)
         self.dim = self.model.dim
-        self.name = f"text_embedder:{os.path.basename(os.path.normpath(self.folder))}"
-        if _task is not None:
-            self.name += f":query({_task})"
-        self.fingerprint = hashlib.sha256(
-            json.dumps(
-                [base_fingerprint, max_length, query_format if _task else None, _task]
-            ).encode()
-        ).hexdigest()[:16]
-
-    def _build(self, folder, dtype, mesh, append_eos):
-        from transformers import AutoTokenizer
-
-        model, params = load(folder, dtype=dtype, mesh=mesh)
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        if tokenizer.eos_token_id is None:
-            raise ConfigError(f"{folder}: the tokenizer defines no EOS token")
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.folder, local_files_only=True
+        )
+        if self.tokenizer.eos_token_id is None:
+            raise ConfigError(f"{self.folder}: the tokenizer defines no EOS token")
         if append_eos is None:
-            probe = tokenizer("a")["input_ids"]
-            append_eos = not probe or probe[-1] != tokenizer.eos_token_id
+            probe = self.tokenizer("a")["input_ids"]
+            append_eos = not probe or probe[-1] != self.tokenizer.eos_token_id
+        self.append_eos = append_eos
         logging.info(
             "text embedder tokenizer: %s, padding %s, EOS %s",
-            type(tokenizer).__name__,
-            tokenizer.padding_side,
+            type(self.tokenizer).__name__,
+            self.tokenizer.padding_side,
             "appended here" if append_eos else "added by the tokenizer",
         )
 
-        embed = jax.jit(lambda p, ids, mask: model.apply({"params": p}, ids, mask))
-        fingerprint = _folder_fingerprint(folder, jnp.dtype(dtype).name)
-        return model, params, tokenizer, append_eos, mesh, embed, fingerprint
+        model = self.model
+        self._embed = jax.jit(
+            lambda params, ids, mask: model.apply({"params": params}, ids, mask)
+        )
+        self._folder_fingerprint = _folder_fingerprint(
+            self.folder, jnp.dtype(dtype).name
+        )
+        self._set_identity()
+
+    def _set_identity(self) -> None:
+        self.name = f"text_embedder:{os.path.basename(os.path.normpath(self.folder))}"
+        if self.task is not None:
+            self.name += f":query({self.task})"
+        query = None if self.task is None else [self.query_format, self.task]
+        identity = [self._folder_fingerprint, self.max_length, query]
+        self.fingerprint = hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
     def for_queries(self, task: str = DEFAULT_TASK) -> Encoder:
-        """An Encoder for queries: texts become `query_format` with `task`."""
-        return Encoder(
-            self.folder,
-            batch_size=self.batch_size,
-            max_length=self.max_length,
-            query_format=self.query_format,
-            _shared=self._shared,
-            _task=task,
-        )
+        """An Encoder for queries, sharing this one's model and compiled calls.
+
+        Its texts become `query_format.format(task=task, query=text)`.
+        """
+        queries = copy.copy(self)
+        queries.task = task
+        queries._set_identity()
+        return queries
 
     def format(self, texts: Sequence[str]) -> list[str]:
         """The strings actually tokenized (with the instruction for queries)."""
@@ -774,21 +779,34 @@ class Encoder:
 
 
 def _folder_fingerprint(folder: str, dtype_name: str) -> str:
-    """A hash of what determines a folder's embeddings, without reading weights.
+    """A hash of what determines a folder's embeddings, cheap for a 7B model.
 
-    Hashes config.json, the tokenizer files, the safetensors index, and each
-    weight file's size and header (names, shapes, dtypes, offsets).
+    Hashes config.json, the tokenizer files, the safetensors index, and for
+    every weight file its header (names, shapes, dtypes, offsets) and three
+    4 KiB windows (start, middle, end) of every tensor's bytes. Two
+    checkpoints of one architecture with different weights differ in all
+    of those windows; reading them costs a few MB, not the whole model.
     """
+    window = 4096
     digest = hashlib.sha256(dtype_name.encode())
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             continue
         if name.endswith(".safetensors"):
+            digest.update(name.encode())
             with open(path, "rb") as f:
                 header_size = int.from_bytes(f.read(8), "little")
                 header = f.read(header_size)
-            digest.update(f"{name}:{os.path.getsize(path)}:".encode() + header)
+                digest.update(header)
+                for tensor, entry in sorted(json.loads(header).items()):
+                    if tensor == "__metadata__":
+                        continue
+                    begin, end = (8 + header_size + o for o in entry["data_offsets"])
+                    middle = (begin + end) // 2
+                    for offset in (begin, middle, max(begin, end - window)):
+                        f.seek(offset)
+                        digest.update(f.read(min(window, end - offset)))
         elif name.endswith((".json", ".model", ".txt")):
             with open(path, "rb") as f:
                 digest.update(name.encode() + b":" + f.read())
