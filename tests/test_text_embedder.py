@@ -223,6 +223,15 @@ def test_sharded_checkpoint_matches_pytorch(
 
     model, params = text_embedder.load(mistral_sharded)
 
+    # Every parameter of the module, each filled from the checkpoint.
+    initialised = text_embedder.init_random(model)
+    assert jax.tree.structure(params) == jax.tree.structure(initialised)
+    for name, parameter in mistral[1].state_dict().items():
+        path = name.replace("layers.", "layers_").split(".")
+        leaf = params
+        for key in path:
+            leaf = leaf[key]
+        np.testing.assert_array_equal(np.asarray(leaf), parameter.numpy())
     expected = torch_embeddings(mistral[1], ids, mask)
     np.testing.assert_allclose(embed(model, params, ids, mask), expected, atol=1e-5)
 

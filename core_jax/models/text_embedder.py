@@ -22,6 +22,11 @@ keep their (out, in) layout, so loading needs no renaming or transposing.
     encoder = text_embedder.Encoder(folder)               # TextEncoder protocol
     captions_emb = encoder.encode(captions)               # documents, no prefix
     queries_emb = encoder.for_queries(task).encode(prompts)
+
+Limitations: attention materialises the (N, heads, L, L) score tensor in
+float32 (about 1 GiB per layer for 32 rows of 512 tokens with 32 heads), so
+long texts need small batches; only the default rotary embedding is
+implemented (configs with rotary scaling such as Llama 3's are refused).
 """
 
 from __future__ import annotations
@@ -299,6 +304,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm block: x + attention(norm(x)), then x + MLP(norm(x))."""
+
     config: Config
     dtype: Any = jnp.float32
 
@@ -312,6 +319,8 @@ class DecoderLayer(nn.Module):
 
 
 class Embedding(nn.Module):
+    """Token embedding table (vocab_size, features), stored as "weight"."""
+
     vocab_size: int
     features: int
     dtype: Any = jnp.float32
