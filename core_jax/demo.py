@@ -492,8 +492,6 @@ def prepare(config) -> pathlib.Path:
     Returns:
       The work directory.
     """
-    from core_jax import tokenizers
-
     workdir = pathlib.Path(config.demo.workdir)
     stamp = workdir / "demo.json"
     settings = _settings(config)
@@ -529,16 +527,13 @@ def prepare(config) -> pathlib.Path:
         len(corpus),
     )
 
-    tokenizer_prefix = str(pathlib.Path(config.model.tokenizer).with_suffix(""))
-    model_file = tokenizers.train_sentencepiece(
-        corpus, tokenizer_prefix, settings["vocab_size"]
-    )
-    vocab_size = _piece_count(model_file)
-    write_checkpoint(
+    vocab_size = write_model_files(
+        corpus,
+        config.model.tokenizer,
         config.model.checkpoint,
         variant=settings["variant"],
         image_size=settings["image_size"],
-        vocab_size=vocab_size,
+        vocab_size=settings["vocab_size"],
         seed=settings["seed"],
     )
     logging.info(
@@ -549,7 +544,12 @@ def prepare(config) -> pathlib.Path:
         vocab_size,
     )
 
-    build_caption_database(config, workdir / "captions.txt")
+    build_caption_database(
+        config.model.checkpoint,
+        config.model.tokenizer,
+        workdir / "captions.txt",
+        config.database_dir,
+    )
     (workdir / "README.txt").write_text(_readme(config), "utf-8")
     stamp.write_text(json.dumps(settings, indent=2), "utf-8")
     logging.info("Demo inputs ready in %.1f s", time.perf_counter() - start)
@@ -557,14 +557,66 @@ def prepare(config) -> pathlib.Path:
     return workdir
 
 
-def build_caption_database(config, captions_file: str | os.PathLike) -> pathlib.Path:
-    """Builds the demo's caption database with the demo's SigLIP text tower.
-
-    The exact JAX index is used, so the demo needs no ScaNN.
+def write_model_files(
+    corpus: list[str],
+    tokenizer_path: str | os.PathLike,
+    checkpoint_path: str | os.PathLike,
+    *,
+    variant: str,
+    image_size: int,
+    vocab_size: int,
+    seed: int,
+) -> int:
+    """Trains a SentencePiece model on `corpus` and writes a matching SigLIP.
 
     Args:
-      config: the demo config (checkpoint, tokenizer, database_dir).
+      corpus: training texts.
+      tokenizer_path: the `.model` file to write (a `.vocab` goes beside it).
+      checkpoint_path: the .npz to write, with random weights.
+      variant: a `siglip` variant name, e.g. "Tiny/16".
+      image_size: the model's input resolution.
+      vocab_size: requested vocabulary; the trainer may produce fewer pieces,
+        and the model gets exactly as many as the tokenizer has.
+      seed: initialisation seed.
+
+    Returns:
+      The vocabulary size used.
+    """
+    from core_jax import tokenizers
+
+    prefix = str(pathlib.Path(tokenizer_path).with_suffix(""))
+    model_file = tokenizers.train_sentencepiece(corpus, prefix, vocab_size)
+    if pathlib.Path(model_file) != pathlib.Path(tokenizer_path):
+        shutil.move(model_file, tokenizer_path)
+    pieces = _piece_count(os.fspath(tokenizer_path))
+    write_checkpoint(
+        checkpoint_path,
+        variant=variant,
+        image_size=image_size,
+        vocab_size=pieces,
+        seed=seed,
+    )
+    return pieces
+
+
+def build_caption_database(
+    checkpoint: str | os.PathLike,
+    tokenizer: str | os.PathLike,
+    captions_file: str | os.PathLike,
+    database_dir: str | os.PathLike,
+    *,
+    shard_size: int = 65_536,
+) -> pathlib.Path:
+    """Builds a caption database with a checkpoint's SigLIP text tower.
+
+    The exact JAX index is used, so this needs no ScaNN.
+
+    Args:
+      checkpoint: the SigLIP checkpoint.
+      tokenizer: its SentencePiece model.
       captions_file: the corpus, one caption a line.
+      database_dir: the database directory to create.
+      shard_size: captions per stored shard.
 
     Returns:
       The database directory.
@@ -572,18 +624,17 @@ def build_caption_database(config, captions_file: str | os.PathLike) -> pathlib.
     from core_jax import database, encoders, tokenizers
     from core_jax.models import siglip
 
-    model, params = siglip.load(config.model.checkpoint)
-    tokenizer = tokenizers.SiglipTokenizer(
-        config.model.tokenizer, length=model.text_length
-    )
+    model, params = siglip.load(checkpoint)
     encoder = encoders.SiglipTextEncoder(
-        model, params, tokenizer, batch_size=config.text_batch_size
+        model,
+        params,
+        tokenizers.SiglipTokenizer(tokenizer, length=model.text_length),
     )
     return database.build(
         captions_file,
-        config.database_dir,
+        database_dir,
         encoder,
-        options=database.BuildOptions(backend="exact"),
+        options=database.BuildOptions(backend="exact", shard_size=shard_size),
         progress=False,
     )
 

@@ -1263,7 +1263,7 @@ def evaluate(config) -> RunResult:
     swept = None
     if config.sweep:
         with timer("sweep"):
-            entry = sweep_stage(
+            sweep_entry = sweep_stage(
                 config,
                 train,
                 embedded[train.name],
@@ -1273,7 +1273,7 @@ def evaluate(config) -> RunResult:
                 cache,
                 mesh,
             )
-        swept = sweep_result(config, entry)
+        swept = sweep_result(config, sweep_entry)
         best = swept.best()
         chosen = dataclasses.asdict(best.point)
         source = f"sweep on {train.name} by Acc@1"
@@ -1354,6 +1354,21 @@ def evaluate(config) -> RunResult:
     }
     results["timings_s"] = {k: round(v, 3) for k, v in timer.seconds.items()}
     results["cache"] = cache.stats()
+    # Where each stage's arrays are: <cache_dir>/<stage>/<key>/arrays.npz.
+    results["stage_keys"] = {
+        "class_prototypes": prototypes.key,
+        "class_neighbours": class_neighbours.key,
+        **{
+            f"image_embeddings_{name}": split_embedded.keys
+            for name, split_embedded in embedded.items()
+        },
+        **{
+            f"image_neighbours_{name}": split_neighbours.key
+            for name, split_neighbours in neighbours.items()
+        },
+    }
+    if config.sweep:
+        results["stage_keys"]["sweep"] = sweep_entry.key
     results["versions"] = report.package_versions()
     results["devices"] = {
         "platform": jax.default_backend(),
