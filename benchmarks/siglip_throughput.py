@@ -7,8 +7,9 @@ Both sides get the same architecture (transformers' SiglipModel built from
 the same sizes), random weights, the same batch, on the same machine. Timed
 iterations alternate between the two so that a load change on a shared
 machine hits both alike; each figure is the median over the iterations.
-Prints items/s for each tower and the Flax / PyTorch ratio as a Markdown
-table.
+Prints items/s (wall clock) for each tower, the Flax / PyTorch ratio, and
+the process CPU seconds per item (all threads; less sensitive than wall time
+to other jobs on a shared machine) as a Markdown table.
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def _hf_model(config):
             num_attention_heads=config.text_heads,
             max_position_embeddings=config.text_length,
             projection_size=config.embed_dim,
+            pad_token_id=1,
+            bos_token_id=1,
+            eos_token_id=1,
         ),
         vision_config=dict(
             hidden_size=config.image_width,
@@ -58,10 +62,11 @@ def _hf_model(config):
     return transformers.SiglipModel(hf_config).eval()
 
 
-def _time(fn) -> float:
-    start = time.perf_counter()
+def _time(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds over all threads) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv):
@@ -118,15 +123,17 @@ def main(argv):
     }
     rows = []
     for what, (flax_fn, torch_fn) in runs.items():
-        compile_s = _time(flax_fn)  # compile + first run
+        compile_s, _ = _time(flax_fn)  # compile + first run
         torch_fn()  # warm-up
         flax_fn()
         flax_s, torch_s = [], []
         for _ in range(_ITERS.value):
             flax_s.append(_time(flax_fn))
             torch_s.append(_time(torch_fn))
-        flax_rate = batch / statistics.median(flax_s)
-        torch_rate = batch / statistics.median(torch_s)
+        flax_rate = batch / statistics.median(w for w, _ in flax_s)
+        torch_rate = batch / statistics.median(w for w, _ in torch_s)
+        flax_cpu = statistics.median(c for _, c in flax_s) / batch
+        torch_cpu = statistics.median(c for _, c in torch_s) / batch
         logging.info(
             "%s: flax %.1f/s (compile %.1f s), torch %.1f/s",
             what,
@@ -134,19 +141,22 @@ def main(argv):
             compile_s,
             torch_rate,
         )
-        rows.append((what, flax_rate, torch_rate))
+        rows.append((what, flax_rate, torch_rate, flax_cpu, torch_cpu))
 
     print(
         f"\nSigLIP {_VARIANT.value}@{config.image_size}, batch {batch}, "
         f"{_ITERS.value} timed batches (median), Flax {_DTYPE.value} on "
         f"{jax.devices()[0].platform}, PyTorch float32 with {threads} threads\n"
     )
-    print("| tower | Flax items/s | PyTorch items/s | Flax / PyTorch |")
-    print("|---|---:|---:|---:|")
-    for what, flax_rate, torch_rate in rows:
+    print(
+        "| tower | Flax items/s | PyTorch items/s | Flax / PyTorch | "
+        "Flax CPU s/item | PyTorch CPU s/item |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for what, flax_rate, torch_rate, flax_cpu, torch_cpu in rows:
         print(
             f"| {what} | {flax_rate:.2f} | {torch_rate:.2f} | "
-            f"{flax_rate / torch_rate:.2f} |"
+            f"{flax_rate / torch_rate:.2f} | {flax_cpu:.3f} | {torch_cpu:.3f} |"
         )
 
 
