@@ -515,3 +515,17 @@ def test_fingerprint_is_stable_and_tracks_weights_and_dtype(mistral, encoder, tm
     save_file(tensors, folder / "model.safetensors")
     retrained = text_embedder.Encoder(folder)
     assert retrained.fingerprint != encoder.fingerprint
+
+
+def test_long_texts_are_cut_to_max_length_and_still_end_with_eos(
+    mistral, real_captions
+):
+    encoder = text_embedder.Encoder(mistral[0], max_length=40)
+    long_text = " ".join(real_captions[:20])
+
+    ids, mask = encoder.tokenize([long_text, "a dog"])
+
+    assert ids.shape == (2, 40)
+    assert mask[0].sum() == 40
+    assert ids[0, -1] == encoder.tokenizer.eos_token_id
+    assert ids[0, 0] == encoder.tokenizer.bos_token_id
