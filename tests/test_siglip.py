@@ -222,8 +222,20 @@ def _big_vision_npz(hf_model, path, prefix=""):
     return path
 
 
+_COMPILED: dict = {}
+
+
+def _apply(model):
+    """One jitted `model.apply` per architecture and dtype, shared by the tests
+    so each input signature compiles once (the machine is small)."""
+    key = (model.config, model.dtype)
+    if key not in _COMPILED:
+        _COMPILED[key] = jax.jit(model.apply)
+    return _COMPILED[key]
+
+
 def _embed(model, params, photos, tokens):
-    zimg, ztxt, out = jax.jit(model.apply)({"params": params}, photos, tokens)
+    zimg, ztxt, out = _apply(model)({"params": params}, photos, tokens)
     return np.asarray(zimg), np.asarray(ztxt), out
 
 
@@ -308,11 +320,11 @@ def test_logits_use_temperature_and_bias(hf_model, hf_folder, photos, caption_to
 
 def test_either_tower_may_be_skipped(hf_folder, photos, caption_tokens, reference):
     model, params = siglip.load(hf_folder)
-    zimg, ztxt, out = jax.jit(model.apply)({"params": params}, photos, None)
+    zimg, ztxt, out = _apply(model)({"params": params}, photos, None)
     assert ztxt is None and "logits" not in out
     np.testing.assert_allclose(np.asarray(zimg), reference[0], atol=1e-5, rtol=0)
 
-    zimg, ztxt, out = jax.jit(model.apply)({"params": params}, None, caption_tokens)
+    zimg, ztxt, out = _apply(model)({"params": params}, None, caption_tokens)
     assert zimg is None
     np.testing.assert_allclose(np.asarray(ztxt), reference[1], atol=1e-5, rtol=0)
 
@@ -366,7 +378,7 @@ def test_hf_position_interpolation_matches_resized_load(hf_model, hf_folder, pho
         / 127.5
         - 1.0
     )
-    zimg, _, _ = jax.jit(model.apply)({"params": params}, big, None)
+    zimg, _, _ = _apply(model)({"params": params}, big, None)
     with torch.no_grad():
         ref = _features(
             hf_model.get_image_features(
@@ -441,7 +453,7 @@ def test_tiny_variant_runs_from_random_init():
     model = siglip.SigLIP.from_variant("Tiny/16", image_size=32)
     params = siglip.init_random(model, seed=0)
     images, tokens = siglip.dummy_inputs(model, batch=3)
-    zimg, ztxt, out = jax.jit(model.apply)({"params": params}, images, tokens)
+    zimg, ztxt, out = _apply(model)({"params": params}, images, tokens)
     assert zimg.shape == ztxt.shape == (3, 64)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(zimg), axis=-1), 1, atol=1e-6)
     assert out["logits"].shape == (3, 3)
@@ -478,6 +490,6 @@ def test_embeddings_match_on_an_eight_device_mesh(
     images = jax.device_put(images, sharding.batch_sharding(mesh, 4))
     tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, 2))
     params = jax.device_put(params, sharding.replicated(mesh))
-    zimg, ztxt, _ = jax.jit(model.apply)({"params": params}, images, tokens)
+    zimg, ztxt, _ = _apply(model)({"params": params}, images, tokens)
     np.testing.assert_allclose(np.asarray(zimg)[:5], reference[0], atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(ztxt), reference[1][:8], atol=1e-5, rtol=0)
