@@ -174,7 +174,9 @@ def save_npz(params: Mapping, path: str | os.PathLike) -> None:
         interrupted write never leaves a truncated checkpoint behind.
     """
     path = os.fspath(path)
-    flat = {name: np.asarray(value) for name, value in flatten(params).items()}
+    flat = {
+        name: _storable(np.asarray(value)) for name, value in flatten(params).items()
+    }
     tmp = path + ".tmp.npz"
     np.savez(tmp, **flat)
     os.replace(tmp, path)
@@ -183,6 +185,15 @@ def save_npz(params: Mapping, path: str | os.PathLike) -> None:
 
 # ---------------------------------------------------------------------------
 # Hugging Face SigLIP folders
+
+
+def _storable(value: np.ndarray) -> np.ndarray:
+    # NumPy's .npy format has no bfloat16 (it would be written as opaque
+    # 2-byte records); float32 holds every bfloat16 value exactly.
+    if value.dtype.kind == "V" or value.dtype.name == "bfloat16":
+        return value.astype(np.float32)
+    return value
+
 
 _HF_LAYER = re.compile(
     r"^(vision|text)_model\.encoder\.layers\.(\d+)\.(self_attn|layer_norm1|"

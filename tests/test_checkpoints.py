@@ -117,6 +117,16 @@ def test_npz_round_trip_is_exact(tiny, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
+def test_bfloat16_parameters_are_saved_as_exact_float32(tiny, tmp_path):
+    _, params = tiny
+    half = jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), params)
+    checkpoints.save_npz(half, tmp_path / "h.npz")
+    _, loaded = siglip.load(tmp_path / "h.npz")
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(half), strict=True):
+        assert a.dtype == np.float32
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
+
+
 def test_pickled_npz_is_refused_without_unpickling(tmp_path, tiny_flat):
     marker = tmp_path / "unpickled"
 

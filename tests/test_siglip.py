@@ -56,6 +56,9 @@ def _hf_config():
             num_attention_heads=2,
             max_position_embeddings=TEXT_LENGTH,
             projection_size=64,
+            pad_token_id=1,
+            bos_token_id=1,
+            eos_token_id=1,
         ),
         vision_config=dict(
             hidden_size=64,
@@ -257,6 +260,28 @@ def test_sharded_hf_folder_loads_identically(
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("model-*.safetensors"))) > 1
 
+    model, params = siglip.load(tmp_path)
+    _assert_parity(model, params, photos, caption_tokens, reference)
+
+
+def test_bfloat16_hf_folder_matches_pytorch_on_the_same_weights(
+    tmp_path, photos, caption_tokens
+):
+    """Weights stored as bfloat16 are widened exactly to float32; the
+    reference is PyTorch in float32 on the same (bfloat16-rounded) weights."""
+    hf = _randomised_model(seed=1).to(torch.bfloat16)
+    hf.save_pretrained(tmp_path, safe_serialization=True)
+    hf = hf.float()
+    with torch.no_grad():
+        pixels = torch.from_numpy(photos).permute(0, 3, 1, 2)
+        image = _features(hf.get_image_features(pixel_values=pixels))
+        text = _features(
+            hf.get_text_features(input_ids=torch.from_numpy(caption_tokens).long())
+        )
+    reference = (
+        (image / image.norm(dim=-1, keepdim=True)).numpy(),
+        (text / text.norm(dim=-1, keepdim=True)).numpy(),
+    )
     model, params = siglip.load(tmp_path)
     _assert_parity(model, params, photos, caption_tokens, reference)
 
