@@ -61,6 +61,7 @@ DEFAULT_MIXES = tuple(round(0.1 * i, 1) for i in range(1, 11))
 DEFAULT_TAUS = (0.01, 0.1, 1.0, 10.0, 100.0)
 TOP_KS = (1, 5)
 DEFAULT_MEMORY_BUDGET = 512 * 2**20
+CACHE_BLOCK_ELEMENTS = 2**16
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -363,12 +364,39 @@ def _image_side(image_emb, image_nbrs, image_sims, image_mask, taus_i2t, weighti
     return retrieved, jnp.any(image_mask, axis=-1)
 
 
-def _hits(scores, labels, before, valid, ks):
-    """Counts of rows whose true class ranks below each k (metrics' tie rule)."""
-    true_score = jnp.take_along_axis(scores, labels[:, None], axis=1)
-    ahead = jnp.where(before, scores >= true_score, scores > true_score)
-    rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
-    return jnp.stack([jnp.sum(valid & (rank < k), dtype=jnp.int32) for k in ks])
+def _hits(from_image, difference, row_mix, labels, valid, ks):
+    """Hit counts at each k for scores `from_image + row_mix * difference`.
+
+    Ranks are counted on margins to the true class, (s_c - s_true), expanded
+    as (f_c - f_true) + b (d_c - d_true): classes identical to the true one
+    have margins of exactly 0 and tie by index as in `metrics`, the true
+    class has margin 0 and never counts itself, and at b = 0 the sign of the
+    margin is exactly the order of `from_image`. The scores themselves are
+    never materialised, so XLA fuses each beta's count into one pass.
+
+    Args:
+      from_image: scores at beta = 0, (n, C).
+      difference: scores at beta = 1 minus those at beta = 0, (n, C), or
+        None for the plain scores `from_image`.
+      row_mix: effective beta per grid beta and row, (B, n).
+      labels: (n,). valid: (n,) False for padding rows. ks: static ks.
+
+    Returns:
+      int32 hits, (B, len(ks)).
+    """
+    true_class = labels[:, None]
+    margin = from_image - jnp.take_along_axis(from_image, true_class, axis=1)
+    if difference is not None:
+        slope = difference - jnp.take_along_axis(difference, true_class, axis=1)
+        margin = margin[None] + row_mix[:, :, None] * slope[None]
+    else:
+        margin = jnp.broadcast_to(margin, (row_mix.shape[0], *margin.shape))
+    before = jnp.arange(from_image.shape[1])[None, :] < true_class
+    ahead = jnp.where(before, margin >= 0, margin > 0)
+    rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # (B, n)
+    return jnp.stack(
+        [jnp.sum(valid & (rank < k), axis=-1, dtype=jnp.int32) for k in ks], axis=-1
+    )
 
 
 def _chunk_hits(
@@ -393,7 +421,6 @@ def _chunk_hits(
     Returns:
       (grid hits (len(ks), A, B, Ti, Tt), zero-shot hits (len(ks),)), int32.
     """
-    num_classes = class_emb.shape[0]
     num_alphas, num_tau_t2t = class_inverse_norm.shape[:2]
     num_tau_i2t = taus_i2t.shape[0]
 
@@ -403,8 +430,7 @@ def _chunk_hits(
     z_w = jnp.matmul(image_emb, class_emb.T, precision=_HIGHEST)
     z_rc = jnp.einsum("nd,tcd->tnc", image_emb, class_retrieved, precision=_HIGHEST)
     r_w = jnp.einsum("snd,cd->snc", image_retrieved, class_emb, precision=_HIGHEST)
-    before = jnp.arange(num_classes)[None, :] < labels[:, None]
-    zero_shot = _hits(z_w, labels, before, valid, ks)
+    zero_shot = _hits(z_w, None, jnp.zeros((1, z_w.shape[0])), labels, valid, ks)[0]
 
     def per_tau_pair(pair):
         s, t = pair // num_tau_t2t, pair % num_tau_t2t
@@ -416,13 +442,8 @@ def _chunk_hits(
             from_image = ((1 - mix) * z_w + mix * z_rc[t]) * inverse_norm
             from_retrieval = ((1 - mix) * r_w[s] + mix * r_rc) * inverse_norm
             difference = from_retrieval - from_image
-
-            def per_beta(beta):
-                row_mix = beta * has_neighbours
-                scores = from_image + row_mix[:, None] * difference
-                return _hits(scores, labels, before, valid, ks)
-
-            return jax.vmap(per_beta)(betas)
+            row_mix = betas[:, None] * has_neighbours[None, :]
+            return _hits(from_image, difference, row_mix, labels, valid, ks)
 
         return jax.lax.map(per_alpha, jnp.arange(num_alphas))
 
@@ -461,18 +482,34 @@ def default_chunk_size(
     dim: int,
     *,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
+    devices: int = 1,
 ) -> int:
-    """Images per compiled call so the call's arrays fit in `memory_budget`.
+    """Images per compiled call: cache-sized blocks within `memory_budget`.
 
-    An estimate of the float32 arrays alive per image: the neighbours and
-    their weighted sums (k + Ti + 1 vectors of D), the (C,) blocks zW, zR per
-    tau_t2t, rW per tau_i2t, rR, three per alpha and two per beta.
+    Each (n, C) block is passed over a few dozen times per tau pair, which is
+    fastest while a block stays in cache (about 2**16 floats); below ~256
+    rows the products with the (C, D) class matrices stop paying for
+    reading them. The memory bound is an estimate of the float32 arrays
+    alive per image: the neighbours and their weighted sums (k + Ti + 1
+    vectors of D), and the (C,) blocks zW, zR per tau_t2t, rW per tau_i2t,
+    rR, three per alpha and two per beta.
+
+    Args:
+      grid: the grid to sweep.
+      num_classes, k, dim: C, neighbours per image, D.
+      memory_budget: bytes per device.
+      devices: devices the images are split over.
+
+    Returns:
+      A chunk size (images per call), at least 1.
     """
     num_alphas, num_betas, num_tau_i2t, num_tau_t2t = grid.shape
     per_row_vectors = (k + num_tau_i2t + 1) * dim
     per_row_blocks = (num_tau_t2t + num_tau_i2t + 5 + 2 * num_betas) * num_classes
     per_row_bytes = 4 * (per_row_vectors + per_row_blocks)
-    return max(1, memory_budget // per_row_bytes)
+    cache_rows = max(256, CACHE_BLOCK_ELEMENTS // num_classes)
+    rows = min(cache_rows, memory_budget // per_row_bytes)
+    return max(1, rows) * devices
 
 
 def sweep(
@@ -497,10 +534,11 @@ def sweep(
       include_zero_shot: also count plain zero-shot (alpha = beta = 0) hits.
       mesh: shard the images over its "batch" axis; None runs on the
         default device.
-      chunk_size: images per compiled call; by default as many as fit
-        `memory_budget` bytes (see `default_chunk_size`). Rounded up to a
+      chunk_size: images per compiled call; by default cache-sized blocks
+        within `memory_budget` (see `default_chunk_size`). Rounded up to a
         multiple of the mesh's "batch" axis.
-      memory_budget: bytes the compiled call may use for its arrays.
+      memory_budget: bytes the compiled call may use for its arrays, per
+        device.
 
     Returns:
       A `SweepResult` with hit counts and accuracies shaped (A, B, Ti, Tt).
@@ -514,9 +552,16 @@ def sweep(
     multiple = 1 if mesh is None else sharding.batch_size_multiple(mesh)
     if chunk_size is None:
         chunk_size = default_chunk_size(
-            grid, num_classes, k, dim, memory_budget=memory_budget
+            grid,
+            num_classes,
+            k,
+            dim,
+            memory_budget=memory_budget,
+            devices=multiple,
         )
-    chunk_size = min(chunk_size, max(num_images, 1))
+    # Equal chunks, so the padding of the last one stays small.
+    num_chunks = -(-max(num_images, 1) // max(chunk_size, 1))
+    chunk_size = -(-max(num_images, 1) // num_chunks)
     chunk_size = -(-chunk_size // multiple) * multiple
 
     alphas = np.asarray(grid.alphas, np.float32)
