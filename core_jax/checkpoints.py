@@ -556,13 +556,19 @@ def check_variant(
 def load_flat(
     path: str | os.PathLike,
 ) -> tuple[dict[str, np.ndarray], siglip.SigLIPConfig]:
-    """Reads a .npz file or an HF folder; returns (flat arrays, architecture).
+    """Reads a .npz file, an HF folder or an orbax directory.
+
+    Returns (flat arrays, architecture).
 
     Non-finite values are reported with a `RuntimeWarning` naming the
     parameters (the checkpoint still loads: it may be a deliberate test).
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
+    if is_orbax(path):
+        params = restore_orbax(path)
+        flat = {n: np.asarray(v) for n, v in flatten(params).items()}
+        hf_config, kind = None, "orbax checkpoint"
+    elif os.path.isdir(path):
         flat, hf_config = read_hf(path)
         kind = "Hugging Face folder"
     else:
@@ -708,6 +714,15 @@ def to_params(
 
 # ---------------------------------------------------------------------------
 # orbax
+
+
+def is_orbax(path: str | os.PathLike) -> bool:
+    """Whether `path` is an orbax checkpoint directory (it has orbax's
+    metadata file and no HF config.json)."""
+    path = os.fspath(path)
+    return os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")) and not (
+        os.path.exists(os.path.join(path, "config.json"))
+    )
 
 
 def save_orbax(params: Mapping, directory: str | os.PathLike) -> None:

@@ -33,18 +33,8 @@ _VARIANT = flags.DEFINE_string(
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
 
 
-def _is_orbax(path: str) -> bool:
-    return os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
-
-
 def read(path: str) -> dict[str, np.ndarray]:
     """Reads any supported checkpoint into flat big_vision names (float32)."""
-    if _is_orbax(path):
-        params = checkpoints.restore_orbax(path)
-        return {
-            name: np.asarray(value, np.float32)
-            for name, value in checkpoints.flatten(params).items()
-        }
     flat, _ = checkpoints.load_flat(path)
     return {name: np.asarray(value, np.float32) for name, value in flat.items()}
 

@@ -305,6 +305,14 @@ def test_orbax_restores_into_a_given_target(tiny, tmp_path):
     np.testing.assert_array_equal(leaf, params["txt"]["head"]["kernel"])
 
 
+def test_siglip_load_reads_an_orbax_directory(tiny, tmp_path):
+    model, params = tiny
+    checkpoints.save_orbax(params, tmp_path / "ckpt")
+    loaded_model, loaded = siglip.load(tmp_path / "ckpt", variant="Tiny/16")
+    assert loaded_model.config == model.config
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
 def test_orbax_missing_directory_is_a_clear_error(tmp_path):
     with pytest.raises(checkpoints.CheckpointError, match="no such orbax"):
         checkpoints.restore_orbax(tmp_path / "absent")

@@ -549,8 +549,9 @@ def load(
     """Loads a SigLIP checkpoint, reading its architecture from the file.
 
     Args:
-      path: a big_vision .npz file or a Hugging Face SigLIP folder
-        (config.json + model.safetensors, single-file or sharded).
+      path: a big_vision .npz file, a Hugging Face SigLIP folder
+        (config.json + model.safetensors, single-file or sharded), or an
+        orbax directory written by `checkpoints.save_orbax`.
       variant: optional variant name ("So400m/14", ...) checked against what
         the checkpoint holds; a disagreement raises `CheckpointError`.
       dtype: matmul dtype of the returned model; parameters stay float32.
