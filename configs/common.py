@@ -82,6 +82,9 @@ def get_config(arg=None):
 
     # Where stage results and run directories go.
     config.cache_dir = ".cache/core_jax"
+    # Compiled XLA programs, reused by later runs: "" puts them in
+    # <cache_dir>/xla, "none" turns this off.
+    config.compilation_cache_dir = ""
     config.output_dir = "runs"
     config.run_name = ""  # empty: "<dataset name>-<UTC timestamp>"
     # A run directory that exists is never reused unless one of these is set:
