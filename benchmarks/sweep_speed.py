@@ -210,7 +210,7 @@ def main(argv):
     print(
         f"compiled sweep: first call (with compilation) {first:.2f} s, "
         f"then {steady:.2f} s (best of {FLAGS.repeats}); "
-        f"chunk of {min(chunk, n)} images; "
+        f"chunks of up to {min(chunk, n)} images; "
         f"peak RSS {max(first_rss.peak, sweep_rss.peak) / 2**30:.2f} GiB"
     )
     best = result.best()

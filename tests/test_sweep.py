@@ -348,3 +348,18 @@ def test_default_chunk_size_bounds_memory():
     assert 1 <= rows < 1000
     per_row = 4 * ((10 + 5 + 1) * 1152 + (5 + 5 + 5 + 20) * 10_000)
     assert rows * per_row <= 2**29
+
+
+def test_tuning_on_a_mesh_equals_tuning_on_one_device():
+    train, classes = make_sets(6, n=19, c=5)
+    test, _ = make_sets(7, n=11, c=5)
+    grid = sweep.Grid(
+        alphas=(0.3, 0.7), betas=(0.2, 0.8), taus_i2t=(0.1,), taus_t2t=(1.0,)
+    )
+    single = sweep.tune_and_test(train, test, classes, grid=grid)
+    sharded = sweep.tune_and_test(
+        train, test, classes, grid=grid, mesh=sharding.make_mesh()
+    )
+    assert sharded.best == single.best
+    np.testing.assert_array_equal(sharded.test_logits, single.test_logits)
+    assert sharded.test_acc1 == single.test_acc1
