@@ -39,6 +39,7 @@ database across hosts.
 
 from __future__ import annotations
 
+import builtins
 import codecs
 import collections
 import csv
@@ -202,7 +203,7 @@ def clean_caption(value, stats: CorpusStats, row: int) -> str | None:
 
 
 def _text_lines(path: pathlib.Path, stats: CorpusStats) -> Iterator[tuple[int, str]]:
-    with open(path, "rb") as f:
+    with builtins.open(path, "rb") as f:
         for row, raw in enumerate(f):
             stats.rows += 1
             if row == 0 and raw.startswith(_UTF8_BOM):
@@ -246,7 +247,7 @@ def _jsonl_records(
 
 
 def _csv_header(path: pathlib.Path, delimiter: str) -> list[str]:
-    with open(path, "rb") as f:
+    with builtins.open(path, "rb") as f:
         first = f.readline()
     text = first.decode("utf-8-sig", errors="replace")
     return next(csv.reader(io.StringIO(text), delimiter=delimiter), [])
@@ -395,7 +396,7 @@ def count_rows(path: str | os.PathLike, format: str) -> int | None:
         except Exception:  # noqa: BLE001
             return None
     lines = 0
-    with open(path, "rb") as f:
+    with builtins.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 24), b""):
             lines += block.count(b"\n")
     return lines
@@ -420,7 +421,7 @@ def _shards_of(
 
 def sha256_file(path: str | os.PathLike) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with builtins.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -437,7 +438,7 @@ def _fsync_dir(directory: pathlib.Path) -> None:
 def _atomic_write(path: pathlib.Path, write) -> None:
     """Writes through `write(file)` to a temporary name, fsyncs, renames."""
     temporary = path.with_name(path.name + ".partial")
-    with open(temporary, "wb") as f:
+    with builtins.open(temporary, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())
@@ -750,7 +751,7 @@ def _build_index(directory, column, shard_records, options) -> dict:
     shutil.rmtree(partial, ignore_errors=True)
     index.save(partial)
     for path in partial.iterdir():
-        with open(path, "rb") as f:
+        with builtins.open(path, "rb") as f:
             os.fsync(f.fileno())
     shutil.rmtree(target, ignore_errors=True)
     os.replace(partial, target)

@@ -20,7 +20,6 @@ are masked: id -1, similarity 0, embedding zeros, mask False.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 
 import jax
@@ -48,19 +47,21 @@ def component_leaders(
     unit = embeddings.astype(jnp.float32)
     unit = unit / jnp.maximum(jnp.linalg.norm(unit, axis=-1, keepdims=True), 1e-12)
     cosine = jnp.einsum("qid,qjd->qij", unit, unit)
-    both_valid = valid[:, :, None] & valid[:, None, :]
-    reach = ((cosine >= threshold) & both_valid) | jnp.eye(m, dtype=bool)[None]
+    linked = (cosine >= threshold) & valid[:, :, None] & valid[:, None, :]
 
-    # Squaring the reachability matrix doubles the path length it covers,
-    # so ceil(log2(m)) squarings give the transitive closure.
-    def square(_, r):
-        r = r.astype(jnp.float32)
-        return jnp.einsum("qij,qjl->qil", r, r) > 0
+    # Every candidate takes the smallest rank it is linked to, and the label
+    # of the candidate that rank names (pointer jumping), until nothing
+    # changes: each component ends labelled with its best rank.
+    def relabel(state):
+        labels, _ = state
+        neighbour_min = jnp.min(jnp.where(linked, labels[:, None, :], m), axis=-1)
+        new = jnp.minimum(labels, neighbour_min)
+        new = jnp.take_along_axis(new, new, axis=1)
+        return new, jnp.any(new != labels)
 
-    reach = jax.lax.fori_loop(0, max(1, math.ceil(math.log2(max(m, 2)))), square, reach)
-    earlier = jnp.tril(jnp.ones((m, m), bool), k=-1)[None]
-    has_earlier_relative = jnp.any(reach & earlier, axis=-1)
-    return valid & ~has_earlier_relative
+    labels = jnp.broadcast_to(jnp.arange(m, dtype=jnp.int32), valid.shape)
+    labels, _ = jax.lax.while_loop(lambda s: s[1], relabel, (labels, True))
+    return valid & (labels == jnp.arange(m, dtype=jnp.int32)[None, :])
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -125,8 +126,21 @@ def deduplicate(
         sims = np.pad(np.asarray(sims), ((0, 0), (0, pad)))
         embeddings = np.pad(np.asarray(embeddings), ((0, 0), (0, pad), (0, 0)))
         valid = np.pad(valid, ((0, 0), (0, pad)))
+    # Bound the (chunk, m, m) link matrix to ~64 MB.
+    chunk = max(1, (1 << 24) // max(1, ids.shape[1] ** 2))
+    keep = np.concatenate(
+        [
+            np.asarray(
+                _leaders(
+                    jnp.asarray(embeddings[start : start + chunk], jnp.float32),
+                    jnp.asarray(valid[start : start + chunk]),
+                    threshold=float(threshold),
+                )
+            )
+            for start in range(0, max(1, len(ids)), chunk)
+        ]
+    )
     embeddings = jnp.asarray(embeddings, jnp.float32)
-    keep = _leaders(embeddings, jnp.asarray(valid), threshold=float(threshold))
     # Row ids index the database, which may exceed int32: select positions.
     positions = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
     out_pos, out_sims, out_emb, mask = select_kept(
@@ -157,13 +171,16 @@ def search(
     *,
     threshold: float = DEFAULT_THRESHOLD,
     overfetch: int = 4,
+    max_fetch: int = 1024,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Top k neighbours after near-duplicate removal, over-fetching as needed.
 
     Each query first fetches min(size, overfetch * k) candidates; a query
     left with fewer than k after de-duplication fetches twice as many again
-    (alone, so its answer does not depend on the batch) until k remain or
-    the whole database has been fetched.
+    (alone, so its answer does not depend on the batch) until k remain, the
+    whole database has been fetched, or `max_fetch` candidates (at least
+    overfetch * k) were fetched; slots still empty then are masked. The cap
+    bounds the cost on corpora where one caption repeats thousands of times.
 
     Args:
       search_fn: (queries (q, D), m) -> (ids (q, m), sims (q, m)).
@@ -177,6 +194,7 @@ def search(
     queries = np.asarray(queries, np.float32)
     num = queries.shape[0]
     fetch = min(size, max(k, overfetch * k))
+    limit = min(size, max(fetch, max_fetch))
     if num == 0:
         width = gather_fn(np.zeros((1, 1), np.int64)).shape[-1]
         return (
@@ -194,8 +212,8 @@ def search(
             results = [np.zeros((num, *a.shape[1:]), a.dtype) for a in out]
         for target, value in zip(results, out, strict=True):
             target[pending] = value
-        if fetch >= size:
+        if fetch >= limit:
             break
         pending = pending[out[3].sum(axis=1) < k]
-        fetch = min(size, 2 * fetch)
+        fetch = min(limit, 2 * fetch)
     return tuple(results)

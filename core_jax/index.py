@@ -333,19 +333,18 @@ class ScannParams:
 
     @classmethod
     def choose(cls, size: int, **overrides) -> ScannParams:
-        if size < BRUTE_FORCE_BELOW:
-            params = cls(brute_force=True)
-        else:
-            leaves = max(16, int(round(math.sqrt(size))))
-            params = cls(
-                brute_force=False,
-                num_leaves=leaves,
-                # 15% of the leaves keeps recall@10 above 0.95 even on weakly
-                # clustered data; fewer leaves trade recall for speed.
-                leaves_to_search=max(8, int(math.ceil(leaves * 0.15))),
-                training_sample_size=min(size, 250_000),
-                reorder=200,
-            )
+        """Settings for `size` rows; the tree's are filled in even when brute
+        force is chosen, so `brute_force=False` alone forces the tree."""
+        leaves = max(16, int(round(math.sqrt(size))))
+        params = cls(
+            brute_force=size < BRUTE_FORCE_BELOW,
+            num_leaves=leaves,
+            # 15% of the leaves keeps recall@10 above 0.95 even on weakly
+            # clustered data; fewer leaves trade recall for speed.
+            leaves_to_search=min(leaves, max(8, int(math.ceil(leaves * 0.15)))),
+            training_sample_size=min(size, 250_000),
+            reorder=200,
+        )
         return dataclasses.replace(params, **overrides)
 
 

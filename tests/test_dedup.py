@@ -137,3 +137,21 @@ def test_closure_is_complete_for_long_chains(m):
         np.arange(m)[None], np.zeros((1, m)), emb[None].astype(np.float32), m
     )[3]
     assert mask.sum() == 1
+
+
+def test_search_stops_at_max_fetch_and_masks():
+    database = np.tile(np.eye(4)[:1], (100, 1))  # one caption, 100 times
+    calls = []
+
+    def search_fn(queries, m):
+        calls.append(m)
+        scores = queries @ database.T
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :m]
+        return order, np.take_along_axis(scores, order, axis=1)
+
+    ids, _, _, mask = dedup.search(
+        search_fn, lambda i: database[i], np.eye(4)[:1], k=5, size=100, max_fetch=40
+    )
+    assert calls == [20, 40]
+    np.testing.assert_array_equal(ids, [[0, -1, -1, -1, -1]])
+    np.testing.assert_array_equal(mask, [[True, False, False, False, False]])
