@@ -101,9 +101,14 @@ def get_config(arg=None):
     # Report: how many test images the qualitative page shows.
     config.qualitative_samples = 12
 
-    # Multi-host: call jax.distributed.initialize() before anything else (on TPU
-    # VMs and SLURM it finds its peers by itself).
+    # Multi-host: call jax.distributed.initialize() before anything else. On
+    # TPU VMs and SLURM it finds its peers by itself; elsewhere give the
+    # coordinator's host:port, the number of processes and this one's id.
+    # Each process embeds its share of the images; process 0 writes the run.
     config.distributed = False
+    config.coordinator_address = ""
+    config.num_processes = 0
+    config.process_id = -1
 
     config.dataset = ml_collections.ConfigDict()
     config.dataset.name = ""

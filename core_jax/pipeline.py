@@ -530,6 +530,18 @@ class Resources:
         return sharding.make_mesh(jax.local_devices())
 
     @functools.cached_property
+    def fusion_mesh(self):
+        """The mesh for the sweep and the logits, or None for one device.
+
+        With several processes the sweep and logits run on each process's
+        first device (they are small next to embedding the images): sharding
+        host-local NumPy inputs across a mesh needs global arrays.
+        """
+        import jax
+
+        return self.mesh if jax.process_count() == 1 else None
+
+    @functools.cached_property
     def siglip(self):
         import jax.numpy as jnp
 
@@ -853,7 +865,7 @@ def image_embeddings_stage(
         )
 
     if processes > 1:
-        entries = _gather_chunks(entries, chunks)
+        entries = _gather_chunks(entries, chunks, split.paths)
     embeddings, kept, skipped, keys = [], [], [], []
     for j, rows in enumerate(chunks):
         entry = entries[j]
@@ -870,12 +882,14 @@ def image_embeddings_stage(
     )
 
 
-def _gather_chunks(entries: dict[int, Entry], chunks: list[range]) -> dict[int, Entry]:
+def _gather_chunks(
+    entries: dict[int, Entry], chunks: list[range], paths: Sequence[str]
+) -> dict[int, Entry]:
     """Every process's chunks on every process (multi-host runs).
 
     Chunks are padded to one shape, gathered with `process_allgather`, and
     unpadded by their kept counts. Skip reasons stay in the log of the
-    process that met them; other processes list the path only.
+    process that met them; other processes list the path with its owner.
     """
     import jax
     from jax.experimental import multihost_utils
@@ -905,7 +919,7 @@ def _gather_chunks(entries: dict[int, Entry], chunks: list[range]) -> dict[int, 
             missing = sorted(set(range(len(rows))) - set(chunk_kept.tolist()))
             meta = {
                 "skipped": [
-                    [f"(row {rows.start + i})", f"skipped on process {owner}"]
+                    [paths[rows.start + i], f"skipped by process {owner} (see its log)"]
                     for i in missing
                 ]
             }
@@ -1159,12 +1173,26 @@ def _metrics_of(logits: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
 def _logits(mesh, images, classes, *, alpha, beta, tau_i2t, tau_t2t, weighting):
     from core_jax import sharding
 
     num_classes = np.shape(classes.emb)[0]
     if not len(images.emb):
         return np.zeros((0, num_classes), np.float32)
+    if mesh is None:
+        return _logits_on_one_device(
+            images,
+            classes,
+            alpha=alpha,
+            beta=beta,
+            tau_i2t=tau_i2t,
+            tau_t2t=tau_t2t,
+            weighting=weighting,
+        )
     return np.asarray(
         sharding.core_logits_on_mesh(
             mesh,
@@ -1187,11 +1215,56 @@ def _logits(mesh, images, classes, *, alpha, beta, tau_i2t, tau_t2t, weighting):
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_core_logits(weighting: str):
+    import jax
+
+    from core_jax import fusion
+
+    return jax.jit(functools.partial(fusion.core_logits, weighting=weighting))
+
+
+def _logits_on_one_device(images, classes, *, weighting, chunk=4096, **scalars):
+    """`fusion.core_logits` on the default device, `chunk` images at a time."""
+    compute = _jitted_core_logits(weighting)
+    scalars = {k: np.float32(v) for k, v in scalars.items()}
+    parts = []
+    for start in range(0, len(images.emb), chunk):
+        rows = slice(start, start + chunk)
+        parts.append(
+            np.asarray(
+                compute(
+                    np.asarray(images.emb[rows], np.float32),
+                    np.asarray(images.nbrs[rows], np.float32),
+                    np.asarray(images.sims[rows], np.float32),
+                    np.asarray(images.mask[rows], bool),
+                    np.asarray(classes.emb, np.float32),
+                    np.asarray(classes.nbrs, np.float32),
+                    np.asarray(classes.sims, np.float32),
+                    np.asarray(classes.mask, bool),
+                    **scalars,
+                ),
+                np.float32,
+            )
+        )
+    return np.concatenate(parts)
+
+
 def _maybe_initialize_distributed(config) -> None:
     import jax
 
     if config.distributed and not getattr(_maybe_initialize_distributed, "done", 0):
-        jax.distributed.initialize()
+        # CPU devices of several processes talk through gloo; accelerators
+        # use their own collectives and ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        arguments = {}
+        if config.get("coordinator_address"):
+            arguments = {
+                "coordinator_address": config.coordinator_address,
+                "num_processes": int(config.num_processes),
+                "process_id": int(config.process_id),
+            }
+        jax.distributed.initialize(**arguments)
         _maybe_initialize_distributed.done = 1
         logging.info(
             "Process %d of %d, %d local of %d devices",
@@ -1230,7 +1303,6 @@ def evaluate(config) -> RunResult:
     """
     import jax
 
-    from core_jax import sharding
 
     _maybe_initialize_distributed(config)
     _enable_compilation_cache(config)
@@ -1273,7 +1345,7 @@ def evaluate(config) -> RunResult:
                 config, split, embedded[split.name], resources, cache
             )
 
-    mesh = sharding.make_mesh(jax.local_devices())
+    mesh = resources.fusion_mesh
     class_set = _class_set(prototypes, class_neighbours)
     train_images = _image_set(
         neighbours[train.name], embedded[train.name], train.labels
@@ -1337,14 +1409,16 @@ def evaluate(config) -> RunResult:
             chosen, weighting=config.weighting, k=int(config.k), source=source
         ),
     }
-    logging.info(
-        "Test (%d images): zero-shot Acc@1 %s Acc@5 %s | CoRE Acc@1 %s Acc@5 %s",
-        len(test_images.labels),
-        results["test"]["zero_shot"]["acc1"],
-        results["test"]["zero_shot"]["acc5"],
-        results["test"]["core"]["acc1"],
-        results["test"]["core"]["acc5"],
-    )
+    for method in ("zero_shot", "core"):
+        logging.info(
+            "Test, %d images, %-9s Acc@1 %s  Acc@5 %s  balanced Acc@1 %s",
+            len(test_images.labels),
+            "zero-shot" if method == "zero_shot" else "CoRE",
+            *(
+                _percent(results["test"][method][metric])
+                for metric in ("acc1", "acc5", "balanced_acc1")
+            ),
+        )
     if not main:
         return RunResult(None, results, cache.stats())
 
@@ -1396,7 +1470,11 @@ def evaluate(config) -> RunResult:
     }
     results["config"] = _config_dict(config)
     report.write_json(run_dir / "results.json", results)
-    logging.info("Results written to %s", run_dir)
+    logging.info(
+        "Results written to %s: %s",
+        run_dir,
+        ", ".join(["results.json", *results["outputs"].values()]),
+    )
     if config.get("notice"):
         logging.warning("%s", config.notice)
     return RunResult(run_dir, results, cache.stats())
@@ -1750,7 +1828,7 @@ def classify(
 
     class_set = _class_set(prototypes, class_neighbours)
     image_set = _image_set(neighbours, embedded, split.labels)
-    fuse = functools.partial(_logits, resources.mesh, weighting=config.weighting)
+    fuse = functools.partial(_logits, resources.fusion_mesh, weighting=config.weighting)
     core = fuse(image_set, class_set, **chosen)
     zero_shot = fuse(image_set, class_set, **dict(chosen, alpha=0.0, beta=0.0))
     if jax.process_index() != 0:
