@@ -29,6 +29,11 @@ Acc@k counts use the tie rule of `core_jax.metrics` (the true class loses a
 tie only to classes of lower index). Memory is bounded by processing the
 images in chunks on the host and the grid sequentially per tau pair and
 alpha inside the compiled call; the betas of one alpha are vectorised.
+The class side (W and R for every tau_t2t, Tt * C * D floats) is replicated
+on every device, so it must fit on one: about 230 MB for 10,000 classes at
+D = 1152 with five temperatures. Images are split over the mesh's "batch"
+axis; the class axis is not split here (`sharding.core_logits_on_mesh` can
+split it for the logits at one point).
 
 Best point: the highest Acc@1 on the split the sweep ran on (the few-shot
 "train" split); among equal Acc@1 (compared as integer counts), the first
