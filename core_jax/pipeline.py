@@ -137,6 +137,20 @@ class Entry:
     key: str
 
 
+# A temporary entry this old was left by a killed process, not one at work.
+_ABANDONED_AFTER_S = 24 * 3600
+
+
+def _remove_abandoned(folder: pathlib.Path) -> None:
+    now = time.time()
+    for tmp in folder.glob(".tmp-*"):
+        try:
+            if now - tmp.stat().st_mtime > _ABANDONED_AFTER_S:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            continue
+
+
 class StageCache:
     """Stage results on disk, keyed by a hash of what they depend on.
 
@@ -181,6 +195,7 @@ class StageCache:
         """Writes an entry atomically: a temporary folder, then one rename."""
         final = self.path(stage, key)
         final.parent.mkdir(parents=True, exist_ok=True)
+        _remove_abandoned(final.parent)
         tmp = final.parent / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir()
         try:
@@ -1302,7 +1317,6 @@ def evaluate(config) -> RunResult:
       The run directory, results and cache statistics.
     """
     import jax
-
 
     _maybe_initialize_distributed(config)
     _enable_compilation_cache(config)

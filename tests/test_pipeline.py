@@ -83,6 +83,19 @@ def test_unfinished_entries_are_ignored_and_recomputed(tmp_path):
     assert cache.computed["stage"] == 1
 
 
+def test_day_old_temporary_entries_are_cleared_and_fresh_ones_kept(tmp_path):
+    cache = pipeline.StageCache(tmp_path)
+    old = tmp_path / "stage" / ".tmp-old"
+    fresh = tmp_path / "stage" / ".tmp-fresh"
+    old.mkdir(parents=True)
+    fresh.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    os.utime(old, (two_days_ago, two_days_ago))
+    cache.get("stage", {"a": 1}, lambda: ({"x": np.ones(1)}, {}))
+    assert not old.exists()
+    assert fresh.exists()
+
+
 def test_a_failing_computation_leaves_nothing_behind(tmp_path):
     cache = pipeline.StageCache(tmp_path)
 
