@@ -419,7 +419,7 @@ def load_dataset(config) -> tuple[Classes, Split, Split]:
     data = config.dataset
     if data.source == "csv":
         root = pathlib.Path(data.root).expanduser()
-        if not root.is_dir():
+        if not data.root or not root.is_dir():
             raise PipelineError(
                 f"dataset root {str(root)!r} is not a folder; set "
                 "--config.dataset.root to the folder holding class_mapping.csv, "

@@ -16,6 +16,7 @@ folder under `--config.output_dir`).
 """
 
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -47,7 +48,11 @@ def main(argv):
         )
     except (ValueError, FileNotFoundError) as error:
         logging.error("%s: %s", type(error).__name__, error)
-        print(f"error: {error}", file=sys.stderr)
+        logging.vlog(1, "%s", traceback.format_exc())
+        print(
+            f"error: {error}\n(run with --v=1 to see where it was raised)",
+            file=sys.stderr,
+        )
         sys.exit(1)
     print(f"Classifications: {output / 'classifications.csv'}")
 

@@ -12,6 +12,7 @@ folder under `--config.output_dir` (see `core_jax.pipeline.prepare_run_dir`).
 """
 
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -33,7 +34,11 @@ def main(argv):
         # Bad input (a path, a config value, a malformed file): the message
         # names it; a traceback would only bury it.
         logging.error("%s: %s", type(error).__name__, error)
-        print(f"error: {error}", file=sys.stderr)
+        logging.vlog(1, "%s", traceback.format_exc())
+        print(
+            f"error: {error}\n(run with --v=1 to see where it was raised)",
+            file=sys.stderr,
+        )
         sys.exit(1)
     if run.run_dir is not None:
         print(f"Results: {run.run_dir / 'results.json'}")
