@@ -88,3 +88,27 @@ def test_demo_workdir_moves_every_demo_path():
     assert config.cache_dir == "/tmp/d/cache"
     assert config.output_dir == "/tmp/d/runs"
     assert "RANDOM" in config.notice
+
+
+@pytest.mark.parametrize(
+    "name, classes, common",
+    [("inaturalist", 100, "ebony spleenwort"), ("ham10000", 7, None)],
+)
+def test_dataset_configs_read_the_reference_class_lists(
+    benchmarks_dir, name, classes, common
+):
+    from core_jax import pipeline
+
+    config = _parse(
+        [
+            f"--config={REPO / 'configs' / f'{name}.py'}",
+            f"--config.dataset.root={benchmarks_dir / name}",
+        ]
+    )
+    found, train, test = pipeline.load_dataset(config)
+    assert len(found.names) == classes
+    assert (found.common[1] if found.common else None) == common
+    # Only the CSVs are here, not the images: every listed image is a
+    # counted, named skip rather than an error.
+    assert train.paths == [] and test.paths == []
+    assert len(train.missing) > 0 and "does not exist" in train.missing[0][1]
