@@ -203,3 +203,11 @@ def test_scann_import_failure_that_is_not_import_error_falls_back_to_exact(
     np.testing.assert_array_equal(
         idx.search(queries, 3)[0], _numpy_top_k(database, queries, 3)[0]
     )
+
+
+def test_exact_with_approx_max_k_keeps_recall(data):
+    # approx_max_k is exact on CPU; on TPU it targets recall 0.95 per device.
+    database, queries = data
+    idx = index.build(database, backend="exact", approximate=True)
+    ids, _ = idx.search(queries, 10)
+    assert _numpy_recall(database, queries, ids, 10) >= 0.95
