@@ -587,9 +587,6 @@ def build(
     format = corpus_format(corpus, options.format)
     if options.shard_size < 1:
         raise DatabaseError(f"shard_size={options.shard_size} must be >= 1")
-    if (directory / _MANIFEST).is_file():
-        logging.info("%s is already a complete database", directory)
-        return directory
     t2t_alias = t2t_encoder is None or t2t_encoder.fingerprint == encoder.fingerprint
     columns = {SIGLIP: _column_record(encoder)}
     columns[T2T] = {"alias": SIGLIP} if t2t_alias else _column_record(t2t_encoder)
@@ -615,9 +612,12 @@ def build(
                 if settings.get(k) != previous.get(k)
             )
             raise DatabaseError(
-                f"{directory} holds an interrupted build with other settings "
+                f"{directory} holds a build with other settings "
                 f"({', '.join(changed)} differ); use a new directory"
             )
+        if (directory / _MANIFEST).is_file():
+            logging.info("%s is already a complete database", directory)
+            return directory
         logging.info("Resuming the build in %s", directory)
     else:
         _write_json(build_file, settings)
