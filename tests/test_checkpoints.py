@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,6 +89,25 @@ def test_architecture_is_inferred_from_shapes(variant, size, expected):
     )
     assert (c.vocab_size, c.text_length) == (32_000, 64)
     checkpoints.check_variant(c, variant)  # agrees with its own name
+
+
+def test_an_image_head_is_read_from_the_checkpoint(tmp_path):
+    """Some big_vision image towers end in a `head` Dense; its output size
+    must then equal the text embedding size."""
+    config = dataclasses.replace(
+        siglip.variant_config("Tiny/16", 32),
+        image_width=32,
+        image_heads=2,
+        image_head_dim=64,
+    )
+    model = siglip.SigLIP(config)
+    params = siglip.init_random(model, seed=0)
+    checkpoints.save_npz(params, tmp_path / "head.npz")
+
+    loaded_model, _ = siglip.load(tmp_path / "head.npz")
+    assert loaded_model.config.image_head_dim == 64
+    assert loaded_model.config.image_width == 32
+    assert params["img"]["head"]["kernel"].shape == (32, 64)
 
 
 def test_a_variant_disagreeing_with_the_checkpoint_is_named():
