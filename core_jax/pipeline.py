@@ -1326,7 +1326,12 @@ def evaluate(config) -> RunResult:
         from core_jax import demo
 
         with timer("demo_setup"):
-            demo.prepare(config)
+            if main:
+                demo.prepare(config)
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("demo inputs written")
     cache = StageCache(pathlib.Path(config.cache_dir).expanduser())
     with timer("load_dataset"):
         classes, train, test = load_dataset(config)

@@ -97,6 +97,8 @@ def world_config(world: dict, **overrides):
     config.dataset.name = "synthetic"
     config.dataset.templates = ("A photo of a {}.",)
     config.cache_dir = str(world["root"] / "cache")
+    # In-process runs leave JAX's global compilation cache setting alone.
+    config.compilation_cache_dir = "none"
     config.output_dir = str(world["root"] / "runs")
     config.k = 5
     config.image_chunk_size = 64
