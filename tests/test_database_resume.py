@@ -67,7 +67,8 @@ def _tree(directory):
     }
 
 
-@pytest.mark.slow  # two build subprocesses: about 80 s on 2 busy cores
+# Two build subprocesses, about a minute on 2 cores; part of the default run
+# because resuming to identical files is a core promise of the builder.
 def test_sigkilled_build_resumes_to_identical_files(setup):
     root, corpus, tokenizer = setup
     killed = root / "killed"

@@ -61,8 +61,7 @@ def _without_run_details(results: dict) -> dict:
 
 
 # Three runs of the job in fresh processes: about 40 s of CPU time on two
-# cores, minutes of wall time on a busy machine.
-@pytest.mark.slow
+# cores. Part of the default run: losing no finished work is a core promise.
 def test_sigkill_then_resume_reuses_finished_stages_and_matches(world):
     reference = subprocess.run(
         _command(world, "cache_reference", "reference"),
