@@ -200,7 +200,7 @@ def run_scann(index, database, queries, true_kth, true_scores, k):
     settings = sorted(
         {
             max(1, round(defaults.leaves_to_search * f))
-            for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4)
+            for f in (1 / 64, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4)
         }
     )
     for leaves in settings:
