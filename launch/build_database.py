@@ -10,14 +10,13 @@ Interrupted builds resume: run the same command again and finished shards
 are checked and kept, a half-written one is redone.
 """
 
-import sys
-
 import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from core_jax import database, encoders, tokenizers
 from core_jax.models import siglip
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Database config file, e.g. configs/database.py."
@@ -76,13 +75,7 @@ def build_from_config(config):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        directory = build_from_config(_CONFIG.value)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input names itself in the message; a traceback would bury it.
-        logging.error("%s: %s", type(error).__name__, error)
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+    directory = common.run_or_exit(lambda: build_from_config(_CONFIG.value))
     print(f"Database: {directory}")
 
 

@@ -15,13 +15,11 @@ classifications.csv and classifications.json to `--output` (default: a new
 folder under `--config.output_dir`).
 """
 
-import sys
-import traceback
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from core_jax import pipeline
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file giving the model, database and retrieval settings."
@@ -38,22 +36,15 @@ flags.mark_flags_as_required(["config", "images", "classes"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        output = pipeline.classify(
+    output = common.run_or_exit(
+        lambda: pipeline.classify(
             _CONFIG.value,
             _IMAGES.value,
             _CLASSES.value,
             results_from=_RESULTS_FROM.value,
             output_dir=_OUTPUT.value,
         )
-    except (ValueError, FileNotFoundError) as error:
-        logging.error("%s: %s", type(error).__name__, error)
-        logging.vlog(1, "%s", traceback.format_exc())
-        print(
-            f"error: {error}\n(run with --v=1 to see where it was raised)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    )
     print(f"Classifications: {output / 'classifications.csv'}")
 
 

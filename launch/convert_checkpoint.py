@@ -15,13 +15,13 @@ given) before anything is written, and the output is read back and compared.
 from __future__ import annotations
 
 import os
-import sys
 
 import numpy as np
 from absl import app, flags, logging
 
 from core_jax import checkpoints
 from core_jax.models import siglip
+from launch import common
 
 _INPUT = flags.DEFINE_string("input", None, ".npz file, HF folder or orbax dir.")
 _OUTPUT = flags.DEFINE_string(
@@ -107,17 +107,14 @@ def _remove(path: str) -> None:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    try:
-        convert(
+    common.run_or_exit(
+        lambda: convert(
             _INPUT.value,
             _OUTPUT.value,
             variant=_VARIANT.value,
             overwrite=_OVERWRITE.value,
         )
-    except ValueError as error:
-        logging.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+    )
     return 0
 
 

@@ -11,13 +11,11 @@ after an interruption) recomputes only what changed. Results go to a new
 folder under `--config.output_dir` (see `core_jax.pipeline.prepare_run_dir`).
 """
 
-import sys
-import traceback
-
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
 from core_jax import pipeline
+from launch import common
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Evaluation config file, e.g. configs/ham10000.py."
@@ -28,18 +26,7 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    try:
-        run = pipeline.evaluate(_CONFIG.value)
-    except (ValueError, FileNotFoundError) as error:
-        # Bad input (a path, a config value, a malformed file): the message
-        # names it; a traceback would only bury it.
-        logging.error("%s: %s", type(error).__name__, error)
-        logging.vlog(1, "%s", traceback.format_exc())
-        print(
-            f"error: {error}\n(run with --v=1 to see where it was raised)",
-            file=sys.stderr,
-        )
-        sys.exit(1)
+    run = common.run_or_exit(lambda: pipeline.evaluate(_CONFIG.value))
     if run.run_dir is not None:
         print(f"Results: {run.run_dir / 'results.json'}")
 
