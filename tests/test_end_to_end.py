@@ -11,6 +11,7 @@ should say with the method's formulas written out in NumPy.
 import csv
 import json
 import pathlib
+import sys
 
 import numpy as np
 import pytest
@@ -371,4 +372,33 @@ def test_classify_lists_top5_and_captions(run, world, tmp_path):
         rows = list(csv.DictReader(handle))
     assert [r["class_1"] for r in rows] == [
         r["top5"][0]["class"] for r in written["images"]
+    ]
+
+
+def evaluate_command(world: dict, cache: str, run_name: str, *extra: str) -> list:
+    """A `launch.evaluate` command line over `world`, as a user would type it.
+
+    Small grids and k keep the subprocess runs short; `extra` flags come last
+    and so override the ones here.
+    """
+    root = world["root"]
+    return [
+        sys.executable,
+        "-m",
+        "launch.evaluate",
+        "--config=configs/common.py",
+        f"--config.model.checkpoint={world['checkpoint']}",
+        f"--config.model.tokenizer={world['tokenizer']}",
+        f"--config.database_dir={world['database']}",
+        f"--config.dataset.root={world['dataset']}",
+        "--config.dataset.name=synthetic",
+        f"--config.cache_dir={root / cache}",
+        f"--config.output_dir={root / 'runs'}",
+        f"--config.run_name={run_name}",
+        "--config.k=5",
+        "--config.grid.alpha=(0.3,0.9)",
+        "--config.grid.beta=(0.2,0.8)",
+        "--config.grid.tau_i2t=(0.1,10.0)",
+        "--config.grid.tau_t2t=(0.01,1.0)",
+        *extra,
     ]

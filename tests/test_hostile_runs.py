@@ -5,11 +5,10 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from test_end_to_end import build_world
+from test_end_to_end import build_world, evaluate_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,31 +20,17 @@ def world(tmp_path_factory, real_captions):
 
 def _command(world, cache: str, run_name: str, *extra: str) -> list[str]:
     root = world["root"]
-    return [
-        sys.executable,
-        "-m",
-        "launch.evaluate",
-        "--config=configs/common.py",
-        f"--config.model.checkpoint={world['checkpoint']}",
-        f"--config.model.tokenizer={world['tokenizer']}",
-        f"--config.database_dir={world['database']}",
-        f"--config.dataset.root={world['dataset']}",
-        "--config.dataset.name=synthetic",
-        f"--config.cache_dir={root / cache}",
+    return evaluate_command(
+        world,
+        cache,
+        run_name,
         # Compiled programs are shared, so only the first run compiles.
         f"--config.compilation_cache_dir={root / 'xla'}",
-        f"--config.output_dir={root / 'runs'}",
-        f"--config.run_name={run_name}",
-        "--config.k=5",
         # Many small chunks, so the kill lands between finished chunks.
         "--config.image_chunk_size=8",
         "--config.image_batch_size=8",
-        "--config.grid.alpha=(0.3,0.9)",
-        "--config.grid.beta=(0.2,0.8)",
-        "--config.grid.tau_i2t=(0.1,10.0)",
-        "--config.grid.tau_t2t=(0.01,1.0)",
         *extra,
-    ]
+    )
 
 
 def _finished(folder: pathlib.Path) -> int:

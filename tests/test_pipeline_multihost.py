@@ -6,10 +6,9 @@ import os
 import pathlib
 import socket
 import subprocess
-import sys
 
 import pytest
-from test_end_to_end import build_world
+from test_end_to_end import build_world, evaluate_command
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -21,28 +20,9 @@ def _free_port() -> int:
 
 
 def _command(world, run_name: str, cache: str, *extra: str) -> list[str]:
-    root = world["root"]
-    return [
-        sys.executable,
-        "-m",
-        "launch.evaluate",
-        "--config=configs/common.py",
-        f"--config.model.checkpoint={world['checkpoint']}",
-        f"--config.model.tokenizer={world['tokenizer']}",
-        f"--config.database_dir={world['database']}",
-        f"--config.dataset.root={world['dataset']}",
-        "--config.dataset.name=synthetic",
-        f"--config.cache_dir={root / cache}",
-        f"--config.output_dir={root / 'runs'}",
-        f"--config.run_name={run_name}",
-        "--config.k=5",
-        "--config.image_chunk_size=40",
-        "--config.grid.alpha=(0.3,0.9)",
-        "--config.grid.beta=(0.2,0.8)",
-        "--config.grid.tau_i2t=(0.1,10.0)",
-        "--config.grid.tau_t2t=(0.01,1.0)",
-        *extra,
-    ]
+    return evaluate_command(
+        world, cache, run_name, "--config.image_chunk_size=40", *extra
+    )
 
 
 def _predictions(path: pathlib.Path) -> list[tuple[str, str, str]]:
