@@ -53,6 +53,101 @@ class RunDirectoryExistsError(PipelineError):
 
 
 # ---------------------------------------------------------------------------
+# Config validation
+
+_WEIGHTINGS = ("softmax", "similarity")
+_ON_ERROR = ("skip", "raise")
+
+
+def _config_error(field: str, value, allowed: str) -> PipelineError:
+    return PipelineError(f"--config.{field}={value!r}; expected {allowed}")
+
+
+def _number(config, field: str):
+    value = config
+    for part in field.split("."):
+        value = value[part]
+    return value
+
+
+def _check_real(field, value, allowed, accept) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise _config_error(field, value, allowed)
+    if not np.isfinite(float(value)) or not accept(float(value)):
+        raise _config_error(field, value, allowed)
+
+
+def _check_int(field, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise _config_error(field, value, f"an integer >= {minimum}")
+    if value < minimum:
+        raise _config_error(field, value, f"an integer >= {minimum}")
+
+
+def validate_config(config) -> None:
+    """Checks every value the job reads, before any model or image is touched.
+
+    Args:
+      config: a ConfigDict as made by `configs/common.py`.
+
+    Raises:
+      PipelineError: naming the `--config.<field>`, its value and what is
+        allowed.
+    """
+    positive = "a finite number > 0"
+    unit = "a finite number in [0, 1]"
+    for field in ("tau_i2t", "tau_t2t"):
+        _check_real(field, _number(config, field), positive, lambda v: v > 0)
+    for field in ("alpha", "beta"):
+        _check_real(field, _number(config, field), unit, lambda v: 0 <= v <= 1)
+    for name, allowed, accept in (
+        ("alpha", unit, lambda v: 0 <= v <= 1),
+        ("beta", unit, lambda v: 0 <= v <= 1),
+        ("tau_i2t", positive, lambda v: v > 0),
+        ("tau_t2t", positive, lambda v: v > 0),
+    ):
+        values = config.grid[name]
+        if isinstance(values, str) or not isinstance(values, Sequence) or not values:
+            raise _config_error(
+                f"grid.{name}", values, f"a non-empty list of {allowed}"
+            )
+        for value in values:
+            try:
+                _check_real(f"grid.{name}", value, allowed, accept)
+            except PipelineError:
+                raise PipelineError(
+                    f"--config.grid.{name}={tuple(values)!r} holds {value!r}; "
+                    f"expected every value to be {allowed}"
+                ) from None
+    if config.weighting not in _WEIGHTINGS:
+        raise _config_error("weighting", config.weighting, f"one of {_WEIGHTINGS}")
+    if config.on_error not in _ON_ERROR:
+        raise _config_error("on_error", config.on_error, f"one of {_ON_ERROR}")
+    _check_real(
+        "dedup_threshold",
+        config.dedup_threshold,
+        "a finite number in (0, 1]",
+        lambda v: 0 < v <= 1,
+    )
+    _check_int("k", config.k, 1)
+    for field in (
+        "image_batch_size",
+        "text_batch_size",
+        "image_chunk_size",
+        "image_workers",
+    ):
+        _check_int(field, _number(config, field), 1)
+    _check_int("qualitative_samples", config.qualitative_samples, 0)
+    limit = config.dataset.get("limit", 0)
+    try:
+        _check_int("dataset.limit", limit, 0)
+    except PipelineError:
+        raise _config_error(
+            "dataset.limit", limit, "an integer >= 0 (0: every image)"
+        ) from None
+
+
+# ---------------------------------------------------------------------------
 # Fingerprints
 
 
@@ -418,8 +513,13 @@ def load_dataset(config) -> tuple[Classes, Split, Split]:
 
     data = config.dataset
     if data.source == "csv":
+        if not data.root:
+            raise PipelineError(
+                "--config.dataset.root is not set; set it to the folder holding "
+                "class_mapping.csv, train.csv and test.csv"
+            )
         root = pathlib.Path(data.root).expanduser()
-        if not data.root or not root.is_dir():
+        if not root.is_dir():
             raise PipelineError(
                 f"dataset root {str(root)!r} is not a folder; set "
                 "--config.dataset.root to the folder holding class_mapping.csv, "
@@ -592,7 +692,20 @@ class Resources:
         from core_jax import tokenizers
 
         model, _ = self.siglip
-        return tokenizers.SiglipTokenizer(self.tokenizer_path, length=model.text_length)
+        tokenizer = tokenizers.SiglipTokenizer(
+            self.tokenizer_path, length=model.text_length
+        )
+        # Ids past the model's embedding table read garbage (NaN on some
+        # backends) instead of failing, so the sizes are compared up front.
+        if tokenizer.vocab_size > model.vocab_size:
+            raise PipelineError(
+                f"the tokenizer {self.tokenizer_path} has a vocabulary of "
+                f"{tokenizer.vocab_size} pieces but the checkpoint "
+                f"{self.checkpoint_path} embeds only {model.vocab_size} token ids; "
+                "use the tokenizer the checkpoint was trained with "
+                "(--config.model.tokenizer)"
+            )
+        return tokenizer
 
     @functools.cached_property
     def text_encoder(self):
@@ -637,37 +750,92 @@ class Resources:
                 f"({stored.get('encoder')}); pass that model's folder as "
                 "--config.t2t_encoder_path"
             )
+        self._t2t_documents = documents
         return documents.for_queries()
 
     @functools.cached_property
     def database(self):
+        """The caption database, checked against this run's text encoders.
+
+        SigLIP's text tower (and the document side of the t2t embedder, once
+        that is loaded) must be the encoders the database was built with:
+        captions embedded by other weights do not live in this model's space.
+        """
         from core_jax import database
 
-        db = database.open(self.database_path, mesh=self.mesh)
-        column = db.manifest["columns"]["siglip"]
-        if "siglip" in self.__dict__:
-            model, _ = self.siglip
-            if int(column["dim"]) != model.embed_dim:
-                raise PipelineError(
-                    f"the caption database {self.database_path} holds "
-                    f"{column['dim']}-d SigLIP embeddings but the checkpoint "
-                    f"{self.checkpoint_path} gives {model.embed_dim}-d ones; "
-                    "build the database with this checkpoint"
-                )
-            if column.get("fingerprint") != self.text_encoder.fingerprint:
-                logging.warning(
-                    "The caption database %s was built by %s with other weights, "
-                    "tokenizer or dtype than %s; its captions may not match this "
-                    "model's image embeddings",
-                    self.database_path,
-                    column.get("encoder"),
-                    self.checkpoint_path,
-                )
-        return db
+        t2t = self.__dict__.get("_t2t_documents")
+        try:
+            return database.open(
+                self.database_path,
+                encoder=self.text_encoder,
+                t2t_encoder=t2t,
+                mesh=self.mesh,
+            )
+        except database.EncoderMismatchError as error:
+            raise database.EncoderMismatchError(
+                f"{error}. The caption database --config.database_dir="
+                f"{os.fspath(self.database_path)!r} was built by another model "
+                f"than --config.model.checkpoint={os.fspath(self.checkpoint_path)!r}"
+                f" with --config.model.tokenizer={os.fspath(self.tokenizer_path)!r}"
+                f" (dtype {self.config.model.dtype}); rebuild it with "
+                "launch/build_database.py from this checkpoint or point at the "
+                "database built from it"
+            ) from None
+
+    def check_database(self) -> None:
+        """Refuses a database built by another model, before any stage runs.
+
+        Opening the database with the encoders loads the model, so a passed
+        check is remembered under the cache (keyed by the files'
+        fingerprints) and a rerun whose stages are all cached stays quick.
+        """
+        key = _hash_json(
+            {
+                "checkpoint": self.checkpoint_fingerprint,
+                "tokenizer": self.tokenizer_fingerprint,
+                "dtype": self.config.model.dtype,
+                "database": self.database_fingerprint,
+            }
+        )
+        marker = self.memo.parent / "database_checks" / key[:32]
+        if marker.exists():
+            return
+        self.database  # noqa: B018  (raises on a mismatch)
+        report.write_text(marker, "ok")
 
 
 # ---------------------------------------------------------------------------
 # Stages
+
+
+class NonFiniteError(PipelineError):
+    """A stage produced NaN or infinite values (a corrupt checkpoint, say)."""
+
+
+def require_finite(array: np.ndarray, stage: str, names: Sequence[str]) -> None:
+    """Refuses an array with NaN or infinite values, naming the first row's item.
+
+    Args:
+      array: (N, ...) values of one stage.
+      stage: what computed them, for the message.
+      names: N names of the rows (class names, image paths).
+
+    Raises:
+      NonFiniteError: naming the stage, the first offending row and the count.
+    """
+    array = np.asarray(array)
+    if not array.size:
+        return
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise NonFiniteError(
+            f"{stage}: {int(bad.sum())} of {len(array)} rows hold NaN or infinite "
+            f"values, the first for {names[first]!r}; the checkpoint "
+            "(--config.model.checkpoint) or the caption database "
+            "(--config.database_dir) likely holds NaN or infinite weights"
+        )
+
 
 _NEIGHBOUR_FIELDS = ("ids", "sims", "mask", "embeddings")
 
@@ -748,6 +916,11 @@ def class_prototypes_stage(
         texts = prototype_texts(classes.names, classes.common, templates)
         embeddings = resources.text_encoder.encode(texts)
         variants = 1 if classes.common is None else 2
+        require_finite(
+            np.asarray(embeddings).reshape(len(classes.names), -1),
+            "class prototypes (SigLIP text embeddings of the templated names)",
+            [f"class {name}" for name in classes.names],
+        )
         prototypes = average_prototypes(
             embeddings, len(classes.names), variants, len(templates)
         )
@@ -760,7 +933,13 @@ def class_prototypes_stage(
         )
         return {"prototypes": prototypes}, {"num_texts": len(texts)}
 
-    return cache.get("class_prototypes", fields, compute)
+    entry = cache.get("class_prototypes", fields, compute)
+    require_finite(
+        entry.arrays["prototypes"],
+        "class prototypes",
+        [f"class {name}" for name in classes.names],
+    )
+    return entry
 
 
 def class_neighbours_stage(
@@ -778,6 +957,9 @@ def class_neighbours_stage(
 
     def compute():
         queries = resources.t2t_encoder.encode(prompts)
+        require_finite(
+            queries, "t2t query embeddings", [f"class {n}" for n in classes.names]
+        )
         found = search_database(
             resources.database,
             queries,
@@ -785,9 +967,25 @@ def class_neighbours_stage(
             column="t2t",
             description="t2t retrieval",
         )
+        _require_finite_neighbours(
+            found, "class neighbours", [f"class {n}" for n in classes.names]
+        )
         return found, {"prompts": prompts}
 
-    return cache.get("class_neighbours", fields, compute)
+    entry = cache.get("class_neighbours", fields, compute)
+    _require_finite_neighbours(
+        entry.arrays, "class neighbours", [f"class {n}" for n in classes.names]
+    )
+    return entry
+
+
+def _require_finite_neighbours(arrays, stage: str, names: Sequence[str]) -> None:
+    mask = np.asarray(arrays["mask"], bool)
+    # Masked-out slots are never read, so only kept neighbours count.
+    sims = np.where(mask, arrays["sims"], 0.0)
+    embeddings = np.where(mask[..., None], arrays["embeddings"], 0.0)
+    require_finite(sims, f"{stage} (retrieval similarities)", names)
+    require_finite(embeddings, f"{stage} (stored caption embeddings)", names)
 
 
 @dataclasses.dataclass
@@ -854,7 +1052,13 @@ def image_embeddings_stage(
                     workers=config.image_workers,
                 )
                 if len(pixels):
-                    embedded.append(resources.image_encoder.encode(pixels))
+                    rows = np.asarray(resources.image_encoder.encode(pixels))
+                    require_finite(
+                        rows,
+                        "image embeddings",
+                        [chunk_paths[start + int(i)] for i in kept_here],
+                    )
+                    embedded.append(rows)
                 kept.append(kept_here + start)
                 skipped.extend(skipped_here)
                 bar.update(len(chunk_paths[start : start + batch]))
@@ -889,6 +1093,13 @@ def image_embeddings_stage(
         skipped.extend(tuple(s) for s in entry.meta.get("skipped", []))
         keys.append(entry.key)
     dim = embeddings[0].shape[1] if embeddings else 0
+    all_kept = np.concatenate(kept) if kept else np.zeros(0, np.int64)
+    if embeddings:
+        require_finite(
+            np.concatenate(embeddings),
+            "image embeddings",
+            [split.paths[int(i)] for i in all_kept],
+        )
     return Embedded(
         embeddings=np.concatenate(embeddings) if embeddings else np.zeros((0, dim)),
         kept=np.concatenate(kept) if kept else np.zeros(0, np.int64),
@@ -965,9 +1176,13 @@ def image_neighbours_stage(
             column="siglip",
             description=f"{split.name} i2t retrieval",
         )
+        _require_finite_neighbours(found, f"{split.name} image neighbours", names)
         return found, {}
 
-    return cache.get(f"image_neighbours_{split.name}", fields, compute)
+    names = [split.paths[int(i)] for i in embedded.kept]
+    entry = cache.get(f"image_neighbours_{split.name}", fields, compute)
+    _require_finite_neighbours(entry.arrays, f"{split.name} image neighbours", names)
+    return entry
 
 
 def _grid(config):
@@ -1318,6 +1533,7 @@ def evaluate(config) -> RunResult:
     """
     import jax
 
+    validate_config(config)
     _maybe_initialize_distributed(config)
     _enable_compilation_cache(config)
     timer = Timer()
@@ -1338,6 +1554,10 @@ def evaluate(config) -> RunResult:
     # Inputs are checked before the run directory exists, so a mistyped path
     # leaves nothing behind.
     resources = Resources(config, cache.root)
+    # Before any cached stage is reused (a cached retrieval stage would hide a
+    # mismatch) and before the run directory exists.
+    with timer("database_check"):
+        resources.check_database()
     run_dir = prepare_run_dir(config) if main else None
     with timer("fingerprints"):
         logging.info(
@@ -1811,6 +2031,7 @@ def classify(
     """
     import jax
 
+    validate_config(config)
     _maybe_initialize_distributed(config)
     _enable_compilation_cache(config)
     listed = read_class_list(class_list)
@@ -1828,6 +2049,12 @@ def classify(
             previous = hyperparameters_from_results(results_from)
             config.weighting = previous.pop("weighting", config.weighting)
             chosen = previous
+            # What an earlier run chose is checked like the config's own.
+            config.update(chosen)
+            try:
+                validate_config(config)
+            except PipelineError as error:
+                raise PipelineError(f"{results_from}: {error}") from None
     logging.info(
         "Classifying into %d classes with templates %s, hyper-parameters %s (%s)",
         len(classes.names),
@@ -1840,6 +2067,7 @@ def classify(
     split = Split("unlabelled", paths, np.zeros(len(paths), np.int64))
     cache = StageCache(pathlib.Path(config.cache_dir).expanduser())
     resources = Resources(config, cache.root)
+    resources.check_database()
     prototypes = class_prototypes_stage(config, classes, resources, cache)
     class_neighbours = class_neighbours_stage(config, classes, resources, cache)
     embedded = image_embeddings_stage(config, split, resources, cache)

@@ -402,3 +402,97 @@ def evaluate_command(world: dict, cache: str, run_name: str, *extra: str) -> lis
         "--config.grid.tau_t2t=(0.01,1.0)",
         *extra,
     ]
+
+
+# ---------------------------------------------------------------------------
+# Broken models and mismatched files
+
+
+def _poisoned_checkpoint(world, tmp_path, tower: str) -> pathlib.Path:
+    """The world's checkpoint with one of `tower`'s kernels set to NaN."""
+    with np.load(world["checkpoint"], allow_pickle=False) as stored:
+        arrays = {name: stored[name] for name in stored.files}
+    name = next(n for n in sorted(arrays) if tower in n and n.endswith("kernel"))
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    path = tmp_path / f"nan_{tower}.npz"
+    np.savez(path, **arrays)
+    return path
+
+
+def test_nan_image_weights_stop_at_the_first_image(world, tmp_path):
+    config = world_config(
+        world,
+        cache_dir=str(tmp_path / "cache"),
+        **{"model.checkpoint": str(_poisoned_checkpoint(world, tmp_path, "img"))},
+    )
+    _, train, _ = pipeline.load_dataset(config)
+    split = pipeline.Split("train", train.paths[:3], train.labels[:3])
+    resources = pipeline.Resources(config, tmp_path / "cache")
+    cache = pipeline.StageCache(tmp_path / "cache")
+    with pytest.raises(pipeline.NonFiniteError) as error:
+        pipeline.image_embeddings_stage(config, split, resources, cache)
+    assert "image embeddings" in str(error.value)
+    assert train.paths[0] in str(error.value)
+    # Nothing non-finite was cached for a later run to trust.
+    assert not list((tmp_path / "cache").glob("image_embeddings/*/COMPLETE"))
+
+
+def test_nan_text_weights_stop_at_the_first_class(world, tmp_path):
+    config = world_config(
+        world,
+        cache_dir=str(tmp_path / "cache"),
+        **{"model.checkpoint": str(_poisoned_checkpoint(world, tmp_path, "txt"))},
+    )
+    classes, _, _ = pipeline.load_dataset(config)
+    resources = pipeline.Resources(config, tmp_path / "cache")
+    cache = pipeline.StageCache(tmp_path / "cache")
+    with pytest.raises(pipeline.NonFiniteError) as error:
+        pipeline.class_prototypes_stage(config, classes, resources, cache)
+    assert "class prototypes" in str(error.value)
+    assert f"class {CLASSES[0]}" in str(error.value)
+
+
+def test_a_tokenizer_larger_than_the_model_vocabulary_is_refused(world, tmp_path):
+    from core_jax import tokenizers
+
+    pieces = tokenizers.SiglipTokenizer(world["tokenizer"]).vocab_size
+    small = demo.write_checkpoint(
+        tmp_path / "small_vocab.npz",
+        variant="Tiny/16",
+        image_size=IMAGE_SIZE,
+        vocab_size=pieces // 2,
+        seed=1,
+    )
+    config = world_config(world, **{"model.checkpoint": str(small)})
+    resources = pipeline.Resources(config, tmp_path / "cache")
+    with pytest.raises(pipeline.PipelineError) as error:
+        resources.tokenizer  # noqa: B018
+    message = str(error.value)
+    assert str(world["tokenizer"]) in message and str(small) in message
+    assert str(pieces) in message and str(pieces // 2) in message
+
+
+def test_a_database_from_another_model_stops_the_run_first(run, world, tmp_path):
+    from core_jax import database, tokenizers
+
+    pieces = tokenizers.SiglipTokenizer(world["tokenizer"]).vocab_size
+    other = demo.write_checkpoint(
+        tmp_path / "other.npz",
+        variant="Tiny/16",
+        image_size=IMAGE_SIZE,
+        vocab_size=pieces,
+        seed=7,
+    )
+    config = world_config(
+        world,
+        run_name="other_model",
+        cache_dir=str(tmp_path / "cache"),
+        **{"model.checkpoint": str(other)},
+    )
+    with pytest.raises(database.EncoderMismatchError) as error:
+        pipeline.evaluate(config)
+    assert "--config.database_dir=" in str(error.value)
+    assert str(other) in str(error.value)
+    # Stopped before any stage ran and before the run directory was made.
+    assert not (world["root"] / "runs" / "other_model").exists()
+    assert not (tmp_path / "cache" / "class_prototypes").exists()
