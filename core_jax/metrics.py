@@ -14,6 +14,13 @@ not depend on the order in which a sort happens to visit classes.
 
 Labels outside [0, C) raise `LabelError` naming the value, its row and the
 valid range, whenever the labels are concrete (not traced inside `jit`).
+
+Non-finite scores (NaN, +inf or -inf) are never counted as correct. Every
+comparison with NaN is False, so without care an all-NaN row would rank its
+true class first. When the logits are concrete every public metric raises
+`NonFiniteScoresError` instead; inside `jit` values cannot be inspected, so a
+row holding any non-finite score gets the worst rank, C, and is wrong at
+every k.
 """
 
 from __future__ import annotations
@@ -26,6 +33,48 @@ import numpy as np
 
 class LabelError(ValueError):
     """A label is outside [0, number of classes)."""
+
+
+class NonFiniteScoresError(ValueError):
+    """Scores hold NaN or infinite values, so no accuracy can be computed."""
+
+
+def check_finite_scores(logits, name: str = "logits") -> None:
+    """Raises `NonFiniteScoresError` if any score is NaN or infinite.
+
+    Traced logits (inside `jit`) cannot be inspected and are not checked;
+    the metrics then count such rows as wrong instead.
+
+    Args:
+      logits: scores, shape (N, C).
+      name: what the scores are, for the message.
+    """
+    if isinstance(logits, jax.core.Tracer):
+        return
+    values = np.asarray(logits)
+    if not np.issubdtype(values.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(values)
+    if not bad.any():
+        return
+    bad_rows = bad.reshape(values.shape[0], -1).any(axis=1) if values.ndim else bad
+    rows = np.flatnonzero(bad_rows)
+    kinds = [
+        kind
+        for kind, found in (
+            ("NaN", np.isnan(values).any()),
+            ("+inf", np.isposinf(values).any()),
+            ("-inf", np.isneginf(values).any()),
+        )
+        if found
+    ]
+    raise NonFiniteScoresError(
+        f"{name}: {rows.size} of {bad_rows.size} row(s) hold non-finite scores "
+        f"({int(bad.sum())} of {values.size} entries; {', '.join(kinds)}), "
+        f"first at row {int(rows[0])}. Usual causes: NaN weights in the "
+        "checkpoint, a temperature of 0, or token ids beyond the model's "
+        "vocabulary"
+    )
 
 
 def check_labels(labels, num_classes: int) -> None:
@@ -58,22 +107,33 @@ def true_class_rank(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Position of the true class in each row under the module's tie rule.
 
     Args:
-      logits: scores, shape (N, C).
+      logits: scores, shape (N, C); concrete ones must be finite.
       labels: true classes, shape (N,), in [0, C) (not checked here).
 
     Returns:
-      int32 ranks, shape (N,); 0 means the true class is the top prediction.
+      int32 ranks, shape (N,); 0 means the true class is the top prediction,
+      C (worse than any real position) for a row with a non-finite score.
+
+    Raises:
+      NonFiniteScoresError: concrete logits hold NaN or inf.
     """
+    check_finite_scores(logits)
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
     chex.assert_rank([logits, labels], [2, 1])
     chex.assert_equal_shape_prefix([logits, labels], 1)
     labels = labels.astype(jnp.int32)
     true_score = jnp.take_along_axis(logits, labels[:, None], axis=1)
     before = jnp.arange(logits.shape[1], dtype=jnp.int32)[None, :] < labels[:, None]
     ahead = jnp.where(before, logits >= true_score, logits > true_score)
-    return jnp.sum(ahead, axis=1, dtype=jnp.int32)
+    rank = jnp.sum(ahead, axis=1, dtype=jnp.int32)
+    # Reached only when traced: the concrete case raised above.
+    finite = jnp.all(jnp.isfinite(logits), axis=1)
+    return jnp.where(finite, rank, jnp.int32(logits.shape[1]))
 
 
 def _prepare(logits, labels) -> tuple[jax.Array, jax.Array]:
+    check_finite_scores(logits)
     logits = jnp.asarray(logits)
     chex.assert_rank(logits, 2)
     check_labels(labels, logits.shape[1])
@@ -91,12 +151,16 @@ def correct_at_k(logits, labels, k: int) -> jax.Array:
       k: how many top classes count, >= 1.
 
     Returns:
-      bool, shape (N,).
+      bool, shape (N,); False for rows with a non-finite score (traced).
+
+    Raises:
+      NonFiniteScoresError: concrete logits hold NaN or inf.
     """
     if k < 1:
         raise ValueError(f"k={k} must be >= 1")
     logits, labels = _prepare(logits, labels)
-    return true_class_rank(logits, labels) < k
+    # k past C would let the worst rank, C, count as a hit.
+    return true_class_rank(logits, labels) < min(k, logits.shape[1])
 
 
 def top_k_accuracy(logits, labels, k: int = 1) -> jax.Array:
@@ -109,6 +173,9 @@ def top_k_accuracy(logits, labels, k: int = 1) -> jax.Array:
 
     Returns:
       0-d float32 in [0, 1]; NaN when N = 0.
+
+    Raises:
+      NonFiniteScoresError: concrete logits hold NaN or inf.
     """
     return jnp.mean(correct_at_k(logits, labels, k).astype(jnp.float32))
 
@@ -123,6 +190,9 @@ def per_class_accuracy(logits, labels, k: int = 1) -> jax.Array:
 
     Returns:
       float32, shape (C,); NaN for classes with no rows.
+
+    Raises:
+      NonFiniteScoresError: concrete logits hold NaN or inf.
     """
     correct = correct_at_k(logits, labels, k)
     labels = jnp.asarray(labels, dtype=jnp.int32)
@@ -145,6 +215,9 @@ def balanced_accuracy(logits, labels, k: int = 1) -> jax.Array:
 
     Returns:
       0-d float32 in [0, 1]; NaN when N = 0.
+
+    Raises:
+      NonFiniteScoresError: concrete logits hold NaN or inf.
     """
     return jnp.nanmean(per_class_accuracy(logits, labels, k))
 

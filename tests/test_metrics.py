@@ -152,3 +152,84 @@ def test_metrics_run_under_jit():
     balanced = jax.jit(metrics.balanced_accuracy)(LOGITS, LABELS)
     assert float(accuracy) == pytest.approx(0.75)
     assert float(balanced) == pytest.approx(1 / 3)
+
+
+# Non-finite scores. Comparisons with NaN are False, so a naive rank would put
+# the true class of an all-NaN row first and count it correct.
+NAN_ROW = np.full((1, 3), np.nan, np.float32)
+
+
+@pytest.mark.parametrize(
+    "metric",
+    [
+        lambda x, y: metrics.true_class_rank(x, y),
+        lambda x, y: metrics.correct_at_k(x, y, 1),
+        lambda x, y: metrics.top_k_accuracy(x, y, 1),
+        lambda x, y: metrics.top_k_accuracy(x, y, 5),
+        lambda x, y: metrics.per_class_accuracy(x, y),
+        lambda x, y: metrics.balanced_accuracy(x, y),
+    ],
+    ids=["rank", "correct", "acc1", "acc5", "per_class", "balanced"],
+)
+def test_every_metric_refuses_all_nan_logits(metric):
+    logits = np.full((4, 3), np.nan, np.float32)
+    assert issubclass(metrics.NonFiniteScoresError, ValueError)
+    with pytest.raises(
+        metrics.NonFiniteScoresError,
+        match=r"4 of 4 row\(s\).*12 of 12 entries; NaN\).*first at row 0",
+    ):
+        metric(logits, LABELS)
+
+
+def test_non_finite_message_counts_rows_and_names_the_first_and_the_causes():
+    logits = LOGITS.copy()
+    logits[2, 1] = np.inf
+    logits[3, 0] = -np.inf
+    logits[3, 2] = -np.inf
+    with pytest.raises(metrics.NonFiniteScoresError) as raised:
+        metrics.top_k_accuracy(logits, LABELS, 1)
+    message = str(raised.value)
+    assert "2 of 4 row(s)" in message
+    assert "3 of 12 entries; +inf, -inf" in message
+    assert "first at row 2" in message
+    for cause in ("NaN weights", "temperature of 0", "vocabulary"):
+        assert cause in message
+
+
+def test_a_single_nan_entry_is_refused_even_off_the_true_class():
+    logits = LOGITS.copy()
+    logits[1, 0] = np.nan
+    with pytest.raises(metrics.NonFiniteScoresError, match="first at row 1"):
+        metrics.top_k_accuracy(logits, LABELS, 1)
+
+
+def test_jax_array_logits_are_checked_too():
+    with pytest.raises(metrics.NonFiniteScoresError):
+        metrics.top_k_accuracy(jax.numpy.asarray(np.vstack([LOGITS, NAN_ROW])), [0] * 5)
+
+
+def test_under_jit_a_non_finite_row_ranks_last_and_is_never_correct():
+    # LOGITS rows rank [0, 2, 1, 1]; appended rows: all NaN with label 0, a NaN
+    # off the true class with label 0 (else first), +inf on the true class
+    # with label 1, and -inf off the true class with label 0 (else first).
+    logits = np.vstack(
+        [
+            LOGITS,
+            NAN_ROW,
+            [[0.9, np.nan, 0.0]],
+            [[0.1, np.inf, 0.0]],
+            [[0.9, 0.1, -np.inf]],
+        ]
+    ).astype(np.float32)
+    labels = np.array([0, 2, 1, 1, 0, 0, 1, 0])
+    ranks = jax.jit(metrics.true_class_rank)(logits, labels)
+    np.testing.assert_array_equal(ranks, [0, 2, 1, 1, 3, 3, 3, 3])
+    # k = 5 exceeds C = 3, which must not let rank 3 count as a hit.
+    correct5 = jax.jit(lambda x, y: metrics.correct_at_k(x, y, 5))(logits, labels)
+    np.testing.assert_array_equal(correct5, [True] * 4 + [False] * 4)
+    acc1 = jax.jit(lambda x, y: metrics.top_k_accuracy(x, y, 1))(logits, labels)
+    assert float(acc1) == pytest.approx(1 / 8)
+    # Class 0 rows: 0 (right), 4, 5, 7 (non-finite) -> 1/4; class 1 rows 2, 3
+    # (ranked second) and 6 (non-finite) -> 0; class 2 row 1 (third) -> 0.
+    per_class = jax.jit(metrics.per_class_accuracy)(logits, labels)
+    np.testing.assert_allclose(per_class, [0.25, 0.0, 0.0])
