@@ -121,8 +121,10 @@ class Grid:
             if not values:
                 raise ValueError(f"grid {name} is empty")
             for value in values:
-                if name.startswith("tau") and not value > 0:
-                    raise ValueError(f"grid {name} holds {value}; taus must be > 0")
+                if name.startswith("tau") and not (np.isfinite(value) and value > 0):
+                    raise ValueError(
+                        f"grid {name} holds {value}; taus must be finite and > 0"
+                    )
                 if name in ("alphas", "betas") and not 0 <= value <= 1:
                     raise ValueError(
                         f"grid {name} holds {value}; mixes must lie in [0, 1]"
@@ -331,6 +333,54 @@ def _check_inputs(images: ImageSet, classes: ClassSet) -> None:
             pattern = tuple("*" if w is None else w for w in want)
             raise ValueError(f"{name} has shape {shape}; expected {pattern}")
     metrics.check_labels(images.labels, c)
+    image_mask = _mask_or_all(images.mask, images.sims)
+    class_mask = _mask_or_all(classes.mask, classes.sims)
+    _check_finite("image embeddings", images.emb)
+    # A masked-out neighbour still enters the weighted sum with weight 0,
+    # and 0 * NaN is NaN, so every neighbour embedding must be finite;
+    # masked-out similarities are never read (search pads them with -inf).
+    _check_finite("image neighbour embeddings", images.nbrs)
+    _check_finite("image neighbour similarities", images.sims, image_mask)
+    _check_finite("class embeddings", classes.emb)
+    _check_finite("class neighbour embeddings", classes.nbrs)
+    _check_finite("class neighbour similarities", classes.sims, class_mask)
+
+
+class NonFiniteInputError(ValueError):
+    """An input array of the sweep holds NaN or infinite values."""
+
+
+def _check_finite(name: str, values, used=None) -> None:
+    """Raises `NonFiniteInputError` naming `name` if a used entry is not finite.
+
+    Args:
+      name: what the array is, for the message.
+      values: (rows, ...) floats.
+      used: bool, shape of `values` or a prefix of it; entries where it is
+        False are not checked. None checks everything.
+    """
+    values = np.asarray(values)
+    if not values.size or not np.issubdtype(values.dtype, np.inexact):
+        return
+    bad = ~np.isfinite(values)
+    if used is not None:
+        used = np.asarray(used, bool)
+        bad &= used.reshape(used.shape + (1,) * (values.ndim - used.ndim))
+    if not bad.any():
+        return
+    rows = np.flatnonzero(bad.reshape(values.shape[0], -1).any(axis=1))
+    kinds = " or ".join(
+        kind
+        for kind, found in (
+            ("NaN", np.isnan(values[bad]).any()),
+            ("inf", np.isinf(values[bad]).any()),
+        )
+        if found
+    )
+    raise NonFiniteInputError(
+        f"{name}: {rows.size} of {values.shape[0]} row(s) contain {kinds}, "
+        f"first row {int(rows[0])}"
+    )
 
 
 def _class_side(class_emb, class_nbrs, class_sims, class_mask, alphas, taus_t2t):
@@ -396,11 +446,21 @@ def _hits(from_image, difference, row_mix, labels, valid, ks):
         margin = margin[None] + row_mix[:, :, None] * slope[None]
     else:
         margin = jnp.broadcast_to(margin, (row_mix.shape[0], *margin.shape))
-    before = jnp.arange(from_image.shape[1])[None, :] < true_class
+    num_classes = from_image.shape[1]
+    before = jnp.arange(num_classes)[None, :] < true_class
     ahead = jnp.where(before, margin >= 0, margin > 0)
     rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # (B, n)
+    # Comparisons with NaN are False, which would rank the true class first:
+    # a row holding any non-finite score gets rank C instead, a hit at no k
+    # once k is capped at C.
+    finite = jnp.all(jnp.isfinite(margin), axis=-1)
+    rank = jnp.where(finite, rank, num_classes)
     return jnp.stack(
-        [jnp.sum(valid & (rank < k), axis=-1, dtype=jnp.int32) for k in ks], axis=-1
+        [
+            jnp.sum(valid & (rank < min(k, num_classes)), axis=-1, dtype=jnp.int32)
+            for k in ks
+        ],
+        axis=-1,
     )
 
 

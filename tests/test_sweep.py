@@ -331,8 +331,13 @@ def test_mismatched_shapes_are_refused(sets):
 @pytest.mark.parametrize(
     "field, values, message",
     [
-        ("taus_i2t", (0.0,), "taus must be > 0"),
-        ("alphas", (1.5,), r"mixes must lie in \[0, 1\]"),
+        ("taus_i2t", (0.0,), "taus_i2t holds 0.0; taus must be finite and > 0"),
+        ("taus_t2t", (1.0, -0.5), "taus_t2t holds -0.5; taus must be finite"),
+        ("taus_t2t", (np.inf,), "taus_t2t holds inf; taus must be finite"),
+        ("taus_i2t", (np.nan,), "taus_i2t holds nan; taus must be finite"),
+        ("alphas", (1.5,), r"alphas holds 1.5; mixes must lie in \[0, 1\]"),
+        ("betas", (-0.1,), r"betas holds -0.1; mixes must lie in \[0, 1\]"),
+        ("alphas", (np.nan,), r"alphas holds nan; mixes must lie in \[0, 1\]"),
         ("betas", (), "empty"),
     ],
 )
@@ -363,3 +368,101 @@ def test_tuning_on_a_mesh_equals_tuning_on_one_device():
     assert sharded.best == single.best
     np.testing.assert_array_equal(sharded.test_logits, single.test_logits)
     assert sharded.test_acc1 == single.test_acc1
+
+
+@pytest.mark.parametrize(
+    "side, field, name",
+    [
+        ("images", "emb", "image embeddings"),
+        ("images", "nbrs", "image neighbour embeddings"),
+        ("images", "sims", "image neighbour similarities"),
+        ("classes", "emb", "class embeddings"),
+        ("classes", "nbrs", "class neighbour embeddings"),
+        ("classes", "sims", "class neighbour similarities"),
+    ],
+)
+def test_non_finite_inputs_are_refused_naming_the_array(sets, side, field, name):
+    images, classes = sets
+    sets_by_side = {"images": images, "classes": classes}
+    values = np.array(getattr(sets_by_side[side], field), np.float32)
+    rows = [3, 4, 5] if side == "classes" else [17, 20, 33]
+    for row in rows:
+        # Put the NaN on a neighbour in use, so the masked-entry rule below
+        # does not hide it.
+        index = (
+            (row,)
+            if field == "emb"
+            else (row, int(np.argmax(mask(sets_by_side[side], row))))
+        )
+        values[index] = np.nan
+    sets_by_side[side] = sets_by_side[side]._replace(**{field: values})
+    with pytest.raises(
+        sweep.NonFiniteInputError,
+        match=rf"{name}: 3 of {len(values)} row\(s\) contain NaN, first row {rows[0]}",
+    ):
+        sweep.sweep(sets_by_side["images"], sets_by_side["classes"], grid=GRID)
+    with pytest.raises(sweep.NonFiniteInputError, match=name):
+        sweep.decomposed_logits(
+            sets_by_side["images"], sets_by_side["classes"], grid=GRID
+        )
+
+
+def mask(item, row):
+    return np.ones(item.sims.shape[1], bool) if item.mask is None else item.mask[row]
+
+
+def test_infinite_embedding_is_refused(sets):
+    images, classes = sets
+    emb = np.array(classes.emb, np.float32)
+    emb[2, 0] = -np.inf
+    with pytest.raises(ValueError, match="class embeddings: 1 of 6 row.* inf"):
+        sweep.sweep(images, classes._replace(emb=emb), grid=GRID)
+
+
+def test_masked_out_similarities_may_be_non_finite(sets):
+    # Search pads missing neighbours with -inf similarities; they are never
+    # weighted, so they must not change any count.
+    images, classes = sets
+    sims = np.array(images.sims, np.float32)
+    sims[~images.mask] = -np.inf
+    sims[np.flatnonzero(~images.mask.any(axis=1))[0], 0] = np.nan
+    padded = sweep.sweep(images._replace(sims=sims), classes, grid=GRID)
+    plain = sweep.sweep(images, classes, grid=GRID)
+    np.testing.assert_array_equal(padded.correct1, plain.correct1)
+    np.testing.assert_array_equal(padded.correct5, plain.correct5)
+
+
+def test_hit_counting_never_counts_a_non_finite_score():
+    # Five rows, three classes, hand-ranked: row 0 true class first (a hit at
+    # k = 1 and 5); rows 1-3 hold NaN or inf somewhere (never hits, though
+    # NaN comparisons are False and row 3's +inf is on the true class);
+    # row 4 true class second (a hit at k = 5 only, as C = 3 < 5).
+    from_image = np.array(
+        [
+            [1.0, 0.0, 0.0],
+            [np.nan, np.nan, np.nan],
+            [0.0, np.inf, 0.0],
+            [np.inf, 0.0, 0.0],
+            [0.0, 2.0, 1.0],
+        ],
+        np.float32,
+    )
+    labels = np.array([0, 0, 0, 0, 2], np.int32)
+    valid = np.ones(5, bool)
+    hits = sweep._hits(
+        from_image, None, np.zeros((1, 5), np.float32), labels, valid, (1, 5)
+    )
+    np.testing.assert_array_equal(hits, [[1, 2]])
+
+    # With a beta: a NaN in row 0's beta = 1 scores makes it a miss at both
+    # betas (0 * NaN is NaN, as in the scores themselves); row 4 gains at
+    # beta = 1 (scores [0, 2, 3]), its true class first.
+    finite = np.nan_to_num(from_image, nan=0.0, posinf=0.0)
+    difference = np.zeros_like(finite)
+    difference[0, 1] = np.nan
+    difference[4, 2] = 2.0
+    row_mix = np.array([[0.0] * 5, [1.0] * 5], np.float32)
+    hits = sweep._hits(finite, difference, row_mix, labels, valid, (1, 5))
+    # beta = 0: rows 1-3 are all-equal finite rows with label 0 -> first by
+    # index, hits; row 0 lost to NaN; row 4 second. beta = 1: row 4 first.
+    np.testing.assert_array_equal(hits, [[3, 4], [4, 4]])
