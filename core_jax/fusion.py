@@ -188,6 +188,12 @@ def enrich(
     has no unmasked neighbour, so base embeddings are expected to be unit-norm
     already.
 
+    `mix` and `tau` are checked only when their values are known at trace
+    time (Python floats or concrete arrays). Traced values, e.g. under `jit`
+    with them as arguments or under `vmap` over a grid, are not checked: a
+    traced tau of 0 gives NaN or inf embeddings rather than an error, which
+    `core_jax.metrics` then refuses.
+
     Args:
       base: query or class embeddings, shape (..., D).
       neighbours: retrieved caption embeddings, shape (..., k, D).
@@ -242,6 +248,11 @@ def core_logits(
     The class side always uses the softmax, as both the paper and the
     reference release do; `weighting` selects the image side's. With
     `alpha = beta = 0` the result is exactly `image_emb @ class_emb.T`.
+
+    The mixes and temperatures are checked only when their values are known
+    at trace time. Traced ones (arguments of a `jit`ted caller, or vmapped
+    over a grid) are not: a traced temperature of 0 yields NaN or inf logits
+    instead of an error, which `core_jax.metrics` then refuses.
 
     Args:
       image_emb: z, SigLIP image embeddings, shape (N, D).

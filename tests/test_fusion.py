@@ -441,3 +441,22 @@ def test_mismatched_shapes_are_refused():
 def test_normalize_leaves_zero_vectors_at_zero():
     x = np.array([[0.0, 0.0], [3.0, 4.0]], np.float32)
     np.testing.assert_allclose(fusion.normalize(x), [[0.0, 0.0], [0.6, 0.8]])
+
+
+def test_traced_zero_temperature_is_not_checked_and_metrics_refuse_the_result():
+    # Under jit with the temperature as an argument its value is unknown when
+    # tracing, so tau_t2t = 0 is not refused here; sims / 0 makes the class
+    # weights inf / inf = NaN. The metrics must then refuse the logits rather
+    # than score them (every comparison with NaN is False).
+    from core_jax import metrics
+
+    inputs = make_inputs(18)
+    logits = jax.jit(
+        lambda tau: fusion.core_logits(
+            *inputs.values(), alpha=0.5, beta=0.5, tau_i2t=0.1, tau_t2t=tau
+        )
+    )(jnp.float32(0.0))
+    assert not np.isfinite(np.asarray(logits)).all()
+    labels = np.zeros(len(inputs["image_emb"]), np.int32)
+    with pytest.raises(metrics.NonFiniteScoresError, match="temperature of 0"):
+        metrics.top_k_accuracy(logits, labels, 1)
