@@ -13,7 +13,9 @@ A database is a directory:
 Ids are the row numbers of the kept captions in corpus order (0, 1, 2, ...
 after skipping nulls, empty strings and the like); `source_row` keeps each
 caption's line number (text and JSONL files) or data row number (CSV, TSV,
-Parquet), 0-based, so a caption can be traced back to its source.
+Parquet), 0-based, so a caption can be traced back to its source. Messages
+and the manifest's stats speak of "line N" (text, JSONL) or "data row N"
+(CSV, TSV after the header, Parquet), 1-based, as in `core_jax.datasets`.
 
 When the text-to-text encoder is SigLIP's text tower itself (the default),
 the "t2t" column is the "siglip" column: it is recorded as an alias in the
@@ -28,6 +30,18 @@ same bytes as an uninterrupted build. One caveat: ScaNN's partitioned tree
 (databases above 20,000 rows) trains its k-means with its own random seeds,
 so an index that has to be rebuilt after an interruption is equivalent, not
 byte-identical; shards, texts, embeddings and brute-force indexes are.
+
+Running `build` again on a complete database first checks every file against
+the manifest's sha256 checksums. If all match, the database is left alone. A
+missing or damaged shard file makes the shard's files and done marker go,
+along with the manifest; the build then resumes as above, redoes that shard
+and every index (the indexes are built from the shards' embeddings), and
+writes the manifest last, so the result is again the bytes of a clean build.
+
+The corpus is identified by its path, size and modification time, recorded
+in build.json. A corpus that changed since the directory was first built
+(a caption appended, the file rewritten) is refused rather than mixed with
+the stored shards; build into a new directory.
 
 Reading memory-maps the embedding shards (`allow_pickle=False`); each shard
 file is checked against its sha256 the first time this process reads it
@@ -102,7 +116,9 @@ class CorpusStats:
       kept: captions kept.
       skipped: reason -> rows skipped.
       repaired: repair -> rows repaired (kept).
-      examples: reason -> first few source rows, for the log.
+      examples: reason -> first few 0-based source rows, for the log.
+      unit: "line" (text, JSONL) or "data row" (CSV, TSV, Parquet): how the
+        log and manifest name a source row, 1-based.
     """
 
     rows: int = 0
@@ -114,6 +130,14 @@ class CorpusStats:
         default_factory=collections.Counter
     )
     examples: dict = dataclasses.field(default_factory=dict)
+    unit: str = "line"
+
+    def where(self, rows: Sequence[int]) -> str:
+        """0-based source rows -> "lines 3, 8" (1-based), for messages."""
+        plural = "s" if len(rows) != 1 else ""
+        # pyarrow cannot always say which CSV row was malformed (None).
+        numbers = [str(r + 1) if isinstance(r, int) else "?" for r in rows]
+        return f"{self.unit}{plural} " + ", ".join(numbers)
 
     def skip(self, reason: str, row: int) -> None:
         self.skipped[reason] += 1
@@ -133,32 +157,85 @@ class CorpusStats:
             "kept": self.kept,
             "skipped": dict(sorted(self.skipped.items())),
             "repaired": dict(sorted(self.repaired.items())),
+            "first_examples": {
+                reason: self.where(rows)
+                for reason, rows in sorted(self.examples.items())
+            },
         }
 
     def log(self, source: str) -> None:
         logging.info("Read %s: %d rows, %d captions kept", source, self.rows, self.kept)
         for kind, counts in (("skipped", self.skipped), ("repaired", self.repaired)):
             for reason, count in sorted(counts.items()):
-                logging.info(
-                    "  %s %d rows: %s (first source rows: %s)",
+                # Binary rows are dropped data the user should look at.
+                log = logging.warning if reason == BINARY_SKIP else logging.info
+                log(
+                    "%s: %s %d rows: %s (first at %s)",
+                    source,
                     kind,
                     count,
                     reason,
-                    self.examples.get(reason),
+                    self.where(self.examples.get(reason, [])),
                 )
 
 
 _UTF8_BOM = codecs.BOM_UTF8
 
 
-def _decode(raw: bytes, stats: CorpusStats, row: int) -> str:
-    """UTF-8, or cp1252 (the usual culprit in web text) when that fails."""
+BINARY_SKIP = "binary data (NUL or mostly control/undecodable bytes)"
+# C0 controls other than tab, LF and CR, and DEL.
+_CONTROL_BYTES = frozenset(range(0x20)) - {0x09, 0x0A, 0x0D} | {0x7F}
+# The five bytes cp1252 leaves undefined.
+_CP1252_UNDEFINED = frozenset((0x81, 0x8D, 0x8F, 0x90, 0x9D))
+_PRINTABLE_ASCII = frozenset(range(0x20, 0x7F)) | {0x09}
+
+
+def looks_binary(raw: bytes, utf8: bool) -> bool:
+    """Whether a line (or byte value) is binary data rather than text.
+
+    The rule: a NUL byte anywhere; or more than 10% of the bytes being
+    control bytes (C0 other than tab, LF, CR; DEL), counting the five bytes
+    undefined in cp1252 too when the bytes are not valid UTF-8; or, for bytes
+    that are not valid UTF-8, fewer than half of them being printable ASCII.
+    Text with a few cp1252 accents passes (it is mostly ASCII); random bytes
+    hold ~14% control/undefined bytes and ~37% printable ASCII, so a random
+    line longer than a few dozen bytes fails.
+
+    Args:
+      raw: the bytes, line ending removed.
+      utf8: whether `raw` is valid UTF-8.
+
+    Returns:
+      True when the bytes should be skipped as binary.
+    """
+    if not raw:
+        return False
+    if b"\0" in raw:
+        return True
+    bad = _CONTROL_BYTES if utf8 else _CONTROL_BYTES | _CP1252_UNDEFINED
+    if sum(b in bad for b in raw) > 0.1 * len(raw):
+        return True
+    return not utf8 and sum(b in _PRINTABLE_ASCII for b in raw) < 0.5 * len(raw)
+
+
+def _decode(raw: bytes, stats: CorpusStats, row: int) -> str | None:
+    """UTF-8, else cp1252 (the usual culprit in web text); None for binary.
+
+    Bytes that `looks_binary` are skipped (counted under BINARY_SKIP) rather
+    than turned into a garbage caption.
+    """
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
+        text = None
+    if looks_binary(raw, utf8=text is not None):
+        stats.skip(BINARY_SKIP, row)
+        return None
+    if text is None:
         stats.repair("invalid UTF-8 decoded as cp1252", row)
         # Five bytes are undefined in cp1252; they become U+FFFD.
-        return raw.decode("cp1252", errors="replace")
+        text = raw.decode("cp1252", errors="replace")
+    return text
 
 
 def clean_caption(value, stats: CorpusStats, row: int) -> str | None:
@@ -174,6 +251,8 @@ def clean_caption(value, stats: CorpusStats, row: int) -> str | None:
         return None
     if isinstance(value, bytes | bytearray):
         value = _decode(bytes(value), stats, row)
+        if value is None:
+            return None
     if not isinstance(value, str):
         stats.skip(f"not a string ({type(value).__name__})", row)
         return None
@@ -215,7 +294,9 @@ def _text_lines(path: pathlib.Path, stats: CorpusStats) -> Iterator[tuple[int, s
                 stats.repair("final line has no newline", row)
             if raw.endswith(b"\r"):
                 raw = raw[:-1]
-            yield row, _decode(raw, stats, row)
+            text = _decode(raw, stats, row)
+            if text is not None:
+                yield row, text
 
 
 def _jsonl_records(
@@ -237,7 +318,7 @@ def _jsonl_records(
         if column not in record:
             if not checked:
                 raise DatabaseError(
-                    f"{path}: line {row} has no caption column {column!r}; "
+                    f"{path}: line {row + 1} has no caption column {column!r}; "
                     f"columns found: {sorted(record)}"
                 )
             stats.skip(f"record lacks {column!r}", row)
@@ -333,15 +414,49 @@ def corpus_format(path: str | os.PathLike, format: str | None = None) -> str:
     """The corpus format: `format` if given, else from the file suffix."""
     if format:
         if format not in FORMATS:
-            raise DatabaseError(f"format={format!r}; expected one of {FORMATS}")
+            raise DatabaseError(
+                f"corpus format {format!r} (--config.format) is not one of {FORMATS}"
+            )
         return format
     suffix = pathlib.Path(path).suffix.lower()
     if suffix not in _SUFFIXES:
         raise DatabaseError(
             f"{path}: cannot tell the corpus format from suffix {suffix!r}; "
-            f"pass format= one of {FORMATS}"
+            f"set --config.format (format=) to one of {FORMATS}"
         )
     return _SUFFIXES[suffix]
+
+
+def _check_corpus_exists(path: pathlib.Path) -> None:
+    if not path.is_file():
+        what = "is not a file" if path.exists() else "does not exist"
+        raise DatabaseError(f"corpus file {path} (--config.corpus) {what}")
+
+
+def check_corpus(path: str | os.PathLike, format: str | None = None) -> str:
+    """Checks that the corpus file exists and its format is known.
+
+    Args:
+      path: the corpus file.
+      format: one of FORMATS, or None to use the file suffix.
+
+    Returns:
+      The corpus format.
+    """
+    format = corpus_format(path, format)
+    _check_corpus_exists(pathlib.Path(path))
+    return format
+
+
+def corpus_identity(path: str | os.PathLike) -> dict:
+    """The corpus file's path, size and modification time (ns).
+
+    Cheap to compute on any corpus size; an edited, appended or replaced
+    file changes at least one of them.
+    """
+    path = pathlib.Path(path)
+    info = path.stat()
+    return {"path": str(path), "size": info.st_size, "mtime_ns": info.st_mtime_ns}
 
 
 def read_corpus(
@@ -365,8 +480,8 @@ def read_corpus(
     path = pathlib.Path(path)
     stats = stats if stats is not None else CorpusStats()
     format = corpus_format(path, format)
-    if not path.is_file():
-        raise DatabaseError(f"corpus file {path} does not exist")
+    _check_corpus_exists(path)
+    stats.unit = "line" if format in ("text", "jsonl") else "data row"
     if format != "text" and not column:
         raise DatabaseError(f"{path}: a {format} corpus needs column=<caption column>")
     if format == "text":
@@ -524,7 +639,7 @@ def _verified_done(shards: pathlib.Path, stem: str, expected: dict) -> dict | No
             raise DatabaseError(
                 f"{done}: recorded {key}={record.get(key)!r} but this build has "
                 f"{value!r}; the corpus or settings changed since the "
-                "interrupted build (use a new directory)"
+                "interrupted build (use a new --config.database_dir)"
             )
     for name, checksum in record["files"].items():
         path = shards / name
@@ -585,6 +700,7 @@ def build(
     corpus = pathlib.Path(corpus)
     directory = pathlib.Path(directory)
     format = corpus_format(corpus, options.format)
+    _check_corpus_exists(corpus)
     if options.shard_size < 1:
         raise DatabaseError(f"shard_size={options.shard_size} must be >= 1")
     t2t_alias = t2t_encoder is None or t2t_encoder.fingerprint == encoder.fingerprint
@@ -600,27 +716,46 @@ def build(
         "scann": dict(sorted(options.scann.items())),
         "columns": columns,
     }
+    identity = corpus_identity(corpus)
     shards_dir = directory / _SHARDS
     shards_dir.mkdir(parents=True, exist_ok=True)
     build_file = directory / _BUILD_FILE
     if build_file.is_file():
         previous = json.loads(build_file.read_text())
+        # Directories built before the corpus was identified lack the key.
+        recorded = previous.pop("corpus_file", None)
         if previous != settings:
             changed = sorted(
                 k
                 for k in settings.keys() | previous.keys()
                 if settings.get(k) != previous.get(k)
             )
+            verb = "differs" if len(changed) == 1 else "differ"
             raise DatabaseError(
                 f"{directory} holds a build with other settings "
-                f"({', '.join(changed)} differ); use a new directory"
+                f"({', '.join(changed)} {verb}); use a new --config.database_dir"
+            )
+        if recorded is not None and recorded != identity:
+            raise DatabaseError(
+                f"corpus file {corpus} (--config.corpus) changed since the "
+                f"database in {directory} was built: it was {recorded['size']} "
+                f"bytes, modified at {recorded['mtime_ns']} ns, and is now "
+                f"{identity['size']} bytes, modified at {identity['mtime_ns']} ns; "
+                "use a new --config.database_dir to build a database of it"
             )
         if (directory / _MANIFEST).is_file():
-            logging.info("%s is already a complete database", directory)
-            return directory
-        logging.info("Resuming the build in %s", directory)
+            if _complete_and_intact(directory):
+                logging.info(
+                    "%s is already a complete database (every file matches "
+                    "manifest.json)",
+                    directory,
+                )
+                return directory
+            logging.warning("Repairing the damaged database %s", directory)
+        else:
+            logging.info("Resuming the build in %s", directory)
     else:
-        _write_json(build_file, settings)
+        _write_json(build_file, {**settings, "corpus_file": identity})
 
     for stray in shards_dir.glob("*.partial"):
         stray.unlink()
@@ -634,6 +769,7 @@ def build(
         bar = tqdm(total=total, unit="caption", unit_scale=True, desc="embedding")
     shard_records = []
     next_id = 0
+    rewritten = False
     encoders = {SIGLIP: encoder} if t2t_alias else {SIGLIP: encoder, T2T: t2t_encoder}
     try:
         for number, shard in enumerate(_shards_of(records, options.shard_size)):
@@ -649,6 +785,7 @@ def build(
                 record = _write_shard(
                     shards_dir, stem, shard, next_id, expected, encoders, options, bar
                 )
+                rewritten = True
             elif bar is not None:
                 bar.update(len(shard))
             shard_records.append({"name": stem, **record})
@@ -661,6 +798,10 @@ def build(
         raise DatabaseError(f"{corpus}: no captions left after skipping bad rows")
     _remove_later_shards(shards_dir, len(shard_records))
 
+    if rewritten:
+        # An index left from before a shard was redone may not match it.
+        for column in encoders:
+            (directory / _INDEX / f"{column}.done.json").unlink(missing_ok=True)
     indexes = {}
     for column in encoders:
         indexes[column] = _build_index(directory, column, shard_records, options)
@@ -687,6 +828,77 @@ def build(
         len(shard_records),
     )
     return directory
+
+
+def _complete_and_intact(directory: pathlib.Path) -> bool:
+    """Checks a complete database's files against its manifest.
+
+    Damaged or missing files are logged by name and their shard (files and
+    done marker) or index done marker removed, with the manifest, so that
+    resuming the build redoes them; indexes go too when a shard does.
+
+    Returns:
+      True when every shard and index file matches its recorded sha256.
+    """
+    manifest_file = directory / _MANIFEST
+    shards_dir = directory / _SHARDS
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        shards = manifest["shards"]
+        indexes = manifest["indexes"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        logging.warning("%s is unreadable (%s); rewriting it", manifest_file, error)
+        manifest_file.unlink()
+        return False
+    logging.info("Checking %s against %s", directory, manifest_file)
+    damaged_shards = []
+    for shard in shards:
+        stem = shard["name"]
+        done = shards_dir / f"{stem}.done.json"
+        expected = {k: v for k, v in shard.items() if k != "name"}
+        problems = []
+        try:
+            if json.loads(done.read_text()) != expected:
+                problems.append(f"{done.name} differs from the manifest")
+        except (OSError, json.JSONDecodeError):
+            problems.append(f"{done.name} is missing or unreadable")
+        for name, checksum in shard["files"].items():
+            path = shards_dir / name
+            if not path.is_file():
+                problems.append(f"{name} is missing")
+            elif sha256_file(path) != checksum:
+                problems.append(f"{name} does not match its sha256")
+        if problems:
+            logging.warning(
+                "Shard %s of %s: %s; rebuilding the shard",
+                stem,
+                directory,
+                "; ".join(problems),
+            )
+            _remove_shard(shards_dir, stem)
+            damaged_shards.append(stem)
+    damaged_indexes = []
+    for column, record in indexes.items():
+        target = directory / _INDEX / column
+        done = directory / _INDEX / f"{column}.done.json"
+        try:
+            intact = (
+                json.loads(done.read_text()) == record
+                and _directory_checksums(target) == record["files"]
+            )
+        except (OSError, json.JSONDecodeError):
+            intact = False
+        if damaged_shards or not intact:
+            if not intact:
+                logging.warning(
+                    "Index %s does not match the manifest; rebuilding it", target
+                )
+            done.unlink(missing_ok=True)
+            damaged_indexes.append(column)
+    if not damaged_shards and not damaged_indexes:
+        return True
+    manifest_file.unlink()
+    return False
 
 
 def _column_record(encoder) -> dict:

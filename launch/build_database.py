@@ -30,6 +30,8 @@ def build_from_config(config):
     Returns:
       The database directory.
     """
+    # Before the minutes spent loading the model.
+    database.check_corpus(config.corpus, config.format or None)
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(config.model.dtype)
     if dtype is None:
         raise ValueError(

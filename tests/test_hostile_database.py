@@ -6,6 +6,7 @@ and a SentencePiece model trained on real captions.
 """
 
 import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -275,5 +276,168 @@ def test_resume_with_other_settings_is_refused(tmp_path, encoder, real_captions)
     directory = tmp_path / "db"
     _build(corpus, directory, encoder, shard_size=4)
     (directory / "manifest.json").unlink()
-    with pytest.raises(database.DatabaseError, match="shard_size"):
+    with pytest.raises(database.DatabaseError, match="shard_size differs") as error:
         _build(corpus, directory, encoder, shard_size=5)
+    assert str(directory) in str(error.value)
+    assert "--config.database_dir" in str(error.value)
+
+
+def _tree(directory):
+    return {
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _flip_byte(path, offset=-3):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_rebuilding_a_damaged_database_repairs_it_to_clean_bytes(
+    small_db, encoder, caplog
+):
+    corpus = small_db.parent / "captions.txt"
+    clean = _tree(small_db)
+    (small_db / "shards" / "00001.siglip.npy").unlink()
+    _flip_byte(small_db / "shards" / "00002.texts.parquet")
+    (small_db / "shards" / "00000.done.json").unlink()
+    with pytest.raises(database.IncompleteError, match="00001.siglip.npy"):
+        database.open(small_db, verify="full")
+    with caplog.at_level(logging.INFO):
+        _build(corpus, small_db, encoder, shard_size=16)
+    log = caplog.text
+    assert "already a complete database" not in log
+    assert "Shard 00001" in log and "00001.siglip.npy is missing" in log
+    assert "Shard 00002" in log and "00002.texts.parquet does not match" in log
+    assert "Shard 00000" in log and "00000.done.json is missing" in log
+    assert _tree(small_db) == clean
+    database.open(small_db, verify="full")
+
+    # Intact now: a third run changes nothing and says so.
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        _build(corpus, small_db, encoder, shard_size=16)
+    assert "already a complete database" in caplog.text
+    assert _tree(small_db) == clean
+
+
+def test_rebuilding_repairs_a_damaged_index_and_manifest(small_db, encoder, caplog):
+    corpus = small_db.parent / "captions.txt"
+    clean = _tree(small_db)
+    index_file = next(p for p in sorted((small_db / "index" / "siglip").iterdir()))
+    _flip_byte(index_file)
+    with caplog.at_level(logging.INFO):
+        _build(corpus, small_db, encoder, shard_size=16)
+    assert "index/siglip does not match the manifest" in caplog.text
+    assert _tree(small_db) == clean
+
+    (small_db / "manifest.json").write_text("{not json")
+    _build(corpus, small_db, encoder, shard_size=16)
+    assert _tree(small_db) == clean
+
+
+def test_a_corpus_changed_since_the_build_is_refused(small_db, encoder):
+    corpus = small_db.parent / "captions.txt"
+    with corpus.open("a", encoding="utf-8") as f:
+        f.write("a caption added after the build\n")
+    with pytest.raises(database.DatabaseError, match="changed since") as error:
+        _build(corpus, small_db, encoder, shard_size=16)
+    message = str(error.value)
+    assert str(corpus) in message and "--config.database_dir" in message
+    # Likewise when the first build was interrupted: nothing is mixed.
+    (small_db / "manifest.json").unlink()
+    with pytest.raises(database.DatabaseError, match="changed since"):
+        _build(corpus, small_db, encoder, shard_size=16)
+    assert not (small_db / "manifest.json").exists()
+
+
+def test_missing_corpus_and_unknown_format_name_the_flags(tmp_path, encoder):
+    missing = tmp_path / "nope.txt"
+    with pytest.raises(database.DatabaseError) as error:
+        _build(missing, tmp_path / "db", encoder)
+    assert str(error.value) == (
+        f"corpus file {missing} (--config.corpus) does not exist"
+    )
+    assert not (tmp_path / "db").exists()
+    odd = tmp_path / "captions.xyz"
+    odd.write_text("a caption\n")
+    with pytest.raises(database.DatabaseError, match="--config.format") as error:
+        _build(odd, tmp_path / "db", encoder)
+    assert str(odd) in str(error.value) and "'.xyz'" in str(error.value)
+    with pytest.raises(database.DatabaseError, match="--config.format"):
+        _build(odd, tmp_path / "db", encoder, format="yaml")
+
+
+def test_launcher_checks_the_corpus_before_loading_the_model(tmp_path):
+    from configs import database as database_config  # noqa: PLC0415
+    from launch import build_database  # noqa: PLC0415
+
+    config = database_config.get_config("")
+    config.corpus = str(tmp_path / "nope.txt")
+    config.model.checkpoint = str(tmp_path / "no_checkpoint.npz")
+    with pytest.raises(database.DatabaseError, match=r"nope\.txt \(--config\.corpus\)"):
+        build_database.build_from_config(config)
+
+
+def test_binary_lines_are_skipped_and_counted_with_1_based_lines(
+    tmp_path, encoder, caplog
+):
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, 300, dtype=np.uint8).tobytes()
+    noise = noise.replace(b"\n", b"").replace(b"\r", b"")
+    corpus = tmp_path / "captions.txt"
+    corpus.write_bytes(
+        b"a dog on a beach\n"
+        b"caf\xe9 terrace at night\n"  # cp1252 text: repaired, kept
+        + noise
+        + b"\n"
+        + b"valid\x00utf-8 with a NUL\n"
+        + b"the last caption\n"
+    )
+    with caplog.at_level(logging.INFO):
+        db = _build(corpus, tmp_path / "db", encoder)
+    assert db.texts(np.arange(3)).tolist() == [
+        "a dog on a beach",
+        "caf\u00e9 terrace at night",
+        "the last caption",
+    ]
+    stats = _stats(db)
+    assert stats["rows"] == 5 and stats["kept"] == 3
+    assert stats["skipped"] == {database.BINARY_SKIP: 2}
+    assert stats["repaired"] == {"invalid UTF-8 decoded as cp1252": 1}
+    assert stats["first_examples"][database.BINARY_SKIP] == "lines 3, 4"
+    assert stats["first_examples"]["invalid UTF-8 decoded as cp1252"] == "line 2"
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(
+        database.BINARY_SKIP in r.getMessage()
+        and "lines 3, 4" in r.getMessage()
+        and str(corpus) in r.getMessage()
+        for r in warnings
+    )
+    # The stored source_row stays 0-based, as documented.
+    shard = pq.read_table(db.directory / "shards" / "00000.texts.parquet")
+    assert shard.column("source_row").to_pylist() == [0, 1, 4]
+
+
+def test_looks_binary_rule():
+    # Printable text, with or without a few cp1252 bytes, is text.
+    assert not database.looks_binary(b"caf\xe9 au lait", utf8=False)
+    assert not database.looks_binary(b"tab\tand bell\x07 inside", utf8=True)
+    # Any NUL byte.
+    assert database.looks_binary(b"text\x00", utf8=True)
+    # 3 control bytes in 12 (25% > 10%).
+    assert database.looks_binary(b"\x01\x02\x03abcdefghi", utf8=True)
+    # Not UTF-8 and 2 printable ASCII bytes in 6 (< half).
+    assert database.looks_binary(b"ab\xe9\xe8\xea\xeb", utf8=False)
+    # cp1252's undefined bytes count as control bytes only outside UTF-8.
+    assert database.looks_binary(b"abcdefgh\x81\x8d", utf8=False)
+
+
+def test_jsonl_line_numbers_in_errors_are_1_based(tmp_path, encoder):
+    corpus = tmp_path / "captions.jsonl"
+    corpus.write_text("\n" + json.dumps({"text": "a"}) + "\n")
+    with pytest.raises(database.DatabaseError, match="line 2 has no caption column"):
+        _build(corpus, tmp_path / "db", encoder, column="caption")
