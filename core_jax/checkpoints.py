@@ -85,6 +85,9 @@ def unflatten(flat: Mapping[str, object]) -> dict:
 # big_vision .npz
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """Reads a big_vision .npz into flat big_vision names.
 
@@ -105,11 +108,24 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    # NumPy takes anything that is neither a zip archive nor a .npy array for
+    # a pickle, and its refusal suggests unpickling it; say what we do instead.
+    if not (magic.startswith(b"PK") or magic == _NPY_MAGIC):
+        raise CheckpointError(
+            f"{path}: not a valid .npz file (it starts with bytes {magic!r}, not "
+            "a zip archive); NumPy would read it as a pickled object, which is "
+            "never loaded"
+        )
     try:
         archive = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+        reason = str(error)
+        if "pickle" in reason:
+            reason = "it holds a pickled object, which is never loaded"
         raise CheckpointError(
-            f"{path}: not a readable .npz file ({error}); it may be truncated"
+            f"{path}: not a readable .npz file ({reason}); it may be truncated"
         ) from error
     if not isinstance(archive, np.lib.npyio.NpzFile):
         raise CheckpointError(f"{path}: holds a single array, not an .npz archive")

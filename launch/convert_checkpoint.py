@@ -1,4 +1,4 @@
-r"""Converts SigLIP checkpoints between big_vision .npz, orbax and HF folders.
+r"""Converts a SigLIP checkpoint into a big_vision .npz or an orbax directory.
 
     python -m launch.convert_checkpoint --input=/ckpt/siglip_hf_folder \
         --output=/ckpt/siglip.npz
@@ -7,9 +7,12 @@ r"""Converts SigLIP checkpoints between big_vision .npz, orbax and HF folders.
 
 The input may be a big_vision .npz, a Hugging Face SigLIP folder
 (config.json + safetensors) or an orbax directory written by this tool; the
-output is a .npz when its name ends in .npz, else an orbax directory. The
-architecture is read from the input and checked (against --variant too, when
-given) before anything is written, and the output is read back and compared.
+output is a .npz when its name ends in .npz, else an orbax directory (Hugging
+Face folders are read, never written). The output's parent folder must
+exist: it is not created, so a mistyped path fails at once instead of
+leaving a new directory tree behind. The architecture is read from the input
+and checked (against --variant too, when given) before anything is written,
+and the output is read back and compared.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ from launch import common
 
 _INPUT = flags.DEFINE_string("input", None, ".npz file, HF folder or orbax dir.")
 _OUTPUT = flags.DEFINE_string(
-    "output", None, "Output: a .npz file, or an orbax directory otherwise."
+    "output",
+    None,
+    "Output: a .npz file when the name ends in .npz, else an orbax directory; "
+    "its parent folder must exist.",
 )
 _VARIANT = flags.DEFINE_string(
     "variant", None, "Optional variant name to check the checkpoint against."
@@ -55,12 +61,19 @@ def convert(
 
     Raises:
       CheckpointError (a ValueError): unreadable input, an architecture that
-        disagrees with `variant`, an existing destination, or a written file
+        disagrees with `variant`, an existing destination or a missing
+        parent folder of it, or a written file
         that does not read back identically.
     """
     source, destination = os.fspath(source), os.fspath(destination)
     if not os.path.exists(source):
         raise checkpoints.CheckpointError(f"{source}: no such file or directory")
+    parent = os.path.dirname(os.path.abspath(destination))
+    if not os.path.isdir(parent):
+        raise checkpoints.CheckpointError(
+            f"{destination} (--output): its parent folder {parent} does not "
+            "exist; create it first"
+        )
     if os.path.exists(destination) and not overwrite:
         raise checkpoints.CheckpointError(
             f"{destination}: already exists; pass --overwrite to replace it"

@@ -385,3 +385,62 @@ def test_converter_command_line_reports_errors_without_a_traceback(tmp_path):
     assert result.returncode == 1
     assert "absent.npz: no such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_garbage_and_pickle_files_get_our_message_not_numpys(tmp_path):
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(np.random.default_rng(0).bytes(3000))
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.read_npz(garbage)
+    message = str(error.value)
+    assert str(garbage) in message and "not a valid .npz file" in message
+    assert "never loaded" in message and "allow_pickle" not in message
+
+    # A bare pickle (what np.save writes for an object array with
+    # allow_pickle=True) behind an .npy header.
+    pickled = tmp_path / "pickled.npz"
+    np.save(pickled.with_suffix(".npy"), np.array([{}], dtype=object))
+    os.replace(pickled.with_suffix(".npy"), pickled)
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.read_npz(pickled)
+    message = str(error.value)
+    assert str(pickled) in message and "pickled object" in message
+    assert "allow_pickle" not in message and "If you trust" not in message
+
+
+def test_converter_names_a_missing_output_folder(tiny, tmp_path):
+    _, params = tiny
+    checkpoints.save_npz(params, tmp_path / "a.npz")
+    output = tmp_path / "no" / "such" / "dir" / "x.npz"
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        convert_checkpoint.convert(str(tmp_path / "a.npz"), str(output))
+    message = str(error.value)
+    assert "--output" in message and f"{tmp_path / 'no' / 'such' / 'dir'}" in message
+    assert not (tmp_path / "no").exists()
+
+
+def _run_converter(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "launch.convert_checkpoint", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        timeout=120,
+    )
+
+
+def test_converter_command_line_missing_output_folder_and_help(tiny, tmp_path):
+    _, params = tiny
+    checkpoints.save_npz(params, tmp_path / "a.npz")
+    result = _run_converter(
+        f"--input={tmp_path / 'a.npz'}", "--output=no/such/dir/x.npz"
+    )
+    assert result.returncode == 1
+    assert "parent folder" in result.stderr and "no/such/dir" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    result = _run_converter("--help")
+    usage = result.stdout + result.stderr
+    assert "into a big_vision .npz or an orbax directory" in usage
+    assert "between big_vision .npz, orbax and HF" not in usage
