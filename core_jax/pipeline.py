@@ -472,13 +472,13 @@ class Split:
       name: "train" or "test".
       paths: N image paths.
       labels: int64 (N,) class ids.
-      missing: (file name, reason) of listed images that do not exist.
+      missing: (path, reason, CSV line) of listed images that do not exist.
     """
 
     name: str
     paths: list[str]
     labels: np.ndarray
-    missing: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    missing: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass
@@ -526,10 +526,21 @@ def load_dataset(config) -> tuple[Classes, Split, Split]:
                 "train.csv and test.csv"
             )
         images_dir = data.images_dir or None
-        read = lambda split: datasets.from_csv(  # noqa: E731
-            root, split, images_dir=images_dir, on_missing=config.on_error
-        )
+        base = pathlib.Path(images_dir).expanduser() if images_dir else root
+
+        def read(split):
+            try:
+                return datasets.from_csv(
+                    root, split, images_dir=images_dir, on_missing=config.on_error
+                )
+            except datasets.DatasetError as error:
+                # Said in the config's own terms, not the reader's argument.
+                message = str(error).replace(
+                    "on_missing='skip'", "--config.on_error=skip"
+                )
+                raise type(error)(message) from None
     elif data.source == "tfds":
+        base = pathlib.Path()
         read = lambda split: datasets.from_tfds(data.name, split)  # noqa: E731
     else:
         raise PipelineError(
@@ -543,7 +554,7 @@ def load_dataset(config) -> tuple[Classes, Split, Split]:
             name,
             [os.fspath(p) for p in raw.paths],
             np.asarray(raw.labels, np.int64),
-            [(f"{n} (line {line})", why) for line, n, why in raw.skipped],
+            [(os.fspath(base / n), why, int(line)) for line, n, why in raw.skipped],
         )
         splits.append(_limit(split, data.limit, config.seed))
     common = raw.common_names if data.use_common_names else None
@@ -1633,8 +1644,15 @@ def evaluate(config) -> RunResult:
             "classes": len(classes.names),
             "common_names": classes.common is not None,
             "templates": list(config.dataset.templates),
-            train.name + "_images": len(train.paths),
-            test.name + "_images": len(test.paths),
+            **{
+                f"{split.name}_{what}": count
+                for split in (train, test)
+                for what, count in _image_counts(split, embedded[split.name]).items()
+            },
+        },
+        "skipped_images": {
+            split.name: skipped_entries(split, embedded[split.name])
+            for split in (train, test)
         },
         "test": {
             "zero_shot": _metrics_of(test_zero_shot, test_images.labels),
@@ -1663,27 +1681,11 @@ def evaluate(config) -> RunResult:
 
     with timer("report"):
         results.update(
-            _write_outputs(
-                config,
-                run_dir,
-                classes,
-                test,
-                embedded[test.name],
-                neighbours[test.name],
-                test_zero_shot,
-                test_core,
-                swept,
-                chosen,
-                resources,
+            _write_tables(
+                run_dir, classes, test, embedded[test.name], test_zero_shot, test_core
             )
         )
-    results["skipped_images"] = {
-        split.name: [
-            {"path": p, "reason": r}
-            for p, r in split.missing + embedded[split.name].skipped
-        ]
-        for split in (train, test)
-    }
+        results["sweep"] = _sweep_summary(swept)
     results["timings_s"] = {k: round(v, 3) for k, v in timer.seconds.items()}
     results["cache"] = cache.stats()
     # Where each stage's arrays are: <cache_dir>/<stage>/<key>/arrays.npz.
@@ -1708,6 +1710,30 @@ def evaluate(config) -> RunResult:
         "devices": jax.device_count(),
     }
     results["config"] = _config_dict(config)
+    # The numbers are on disk before the figures are drawn: a failing figure
+    # costs the figure, never the results.
+    report.write_json(run_dir / "results.json", results)
+    failures: dict[str, str] = {}
+    with timer("figures"):
+        results["outputs"].update(
+            _write_figures(
+                config,
+                run_dir,
+                classes,
+                test,
+                embedded[test.name],
+                neighbours[test.name],
+                test_zero_shot,
+                test_core,
+                swept,
+                chosen,
+                resources,
+                failures,
+            )
+        )
+    if failures:
+        results["report_errors"] = failures
+    results["timings_s"] = {k: round(v, 3) for k, v in timer.seconds.items()}
     report.write_json(run_dir / "results.json", results)
     logging.info(
         "Results written to %s: %s",
@@ -1792,20 +1818,36 @@ def qualitative_samples(
     return samples
 
 
-def _write_outputs(
-    config,
+def _image_counts(split: Split, embedded: Embedded) -> dict[str, int]:
+    """How many images were listed, evaluated and skipped in a split."""
+    listed = len(split.paths) + len(split.missing)
+    evaluated = len(embedded.kept)
+    return {"images": evaluated, "images_listed": listed, "skipped": listed - evaluated}
+
+
+def skipped_entries(split: Split, embedded: Embedded) -> list[dict]:
+    """Every image of a split left out: {"path", "reason"} and "line" if known.
+
+    Listed files that do not exist come first (with their CSV line), then
+    files that could not be read.
+    """
+    entries = [
+        {"path": path, "reason": reason, "line": line}
+        for path, reason, line in split.missing
+    ]
+    entries.extend({"path": p, "reason": r} for p, r in embedded.skipped)
+    return entries
+
+
+def _write_tables(
     run_dir: pathlib.Path,
     classes: Classes,
     test: Split,
     embedded: Embedded,
-    neighbours: Entry,
     zero_shot: np.ndarray,
     core: np.ndarray,
-    swept,
-    chosen: dict,
-    resources: Resources,
 ) -> dict:
-    """Writes predictions.csv, the heatmap and the qualitative page."""
+    """Writes predictions.csv; returns the per-class table and the outputs."""
     from core_jax import metrics
 
     labels = test.labels[embedded.kept]
@@ -1829,60 +1871,106 @@ def _write_outputs(
                     "core_acc1": _finite(core_per_class[c]),
                 }
             )
+    return {"per_class": per_class, "outputs": outputs}
 
-    sweep_summary = None
+
+def _sweep_summary(swept) -> dict | None:
+    if swept is None:
+        return None
+    best = swept.best()
+    return {
+        "grid": dataclasses.asdict(swept.grid),
+        "train_images": swept.num_images,
+        "best_train_acc1": best.acc1,
+        "best_train_acc5": best.acc5,
+        "zero_shot_train_acc1": swept.zero_shot_acc1,
+        "zero_shot_train_acc5": swept.zero_shot_acc5,
+    }
+
+
+def _write_figures(
+    config,
+    run_dir: pathlib.Path,
+    classes: Classes,
+    test: Split,
+    embedded: Embedded,
+    neighbours: Entry,
+    zero_shot: np.ndarray,
+    core: np.ndarray,
+    swept,
+    chosen: dict,
+    resources: Resources,
+    failures: dict,
+) -> dict:
+    """Draws the heatmap and the qualitative page, each allowed to fail.
+
+    A figure that fails is logged as a warning and recorded in `failures`
+    ({output: error}); the run's results stand without it.
+
+    Returns:
+      {output name: file name} of the figures written.
+    """
+    outputs = {}
     if swept is not None:
-        best = swept.best()
-        _, _, i, t = best.index
-        grid = swept.grid
-        report.write_heatmap(
-            run_dir / "heatmap_train_acc1.png",
-            swept.acc1[:, :, i, t],
-            grid.alphas,
-            grid.betas,
-            title=(
-                f"train Acc@1 ({swept.num_images} images) at tau_i2t="
-                f"{grid.taus_i2t[i]:g}, tau_t2t={grid.taus_t2t[t]:g}; "
-                f"zero-shot {100 * swept.zero_shot_acc1:.1f}%"
-            ),
-            best=(best.point.alpha, best.point.beta),
-        )
-        outputs["heatmap"] = "heatmap_train_acc1.png"
-        sweep_summary = {
-            "grid": dataclasses.asdict(grid),
-            "train_images": swept.num_images,
-            "best_train_acc1": best.acc1,
-            "best_train_acc5": best.acc5,
-            "zero_shot_train_acc1": swept.zero_shot_acc1,
-            "zero_shot_train_acc5": swept.zero_shot_acc5,
-        }
+        try:
+            best = swept.best()
+            _, _, i, t = best.index
+            grid = swept.grid
+            report.write_heatmap(
+                run_dir / "heatmap_train_acc1.png",
+                swept.acc1[:, :, i, t],
+                grid.alphas,
+                grid.betas,
+                title=(
+                    f"train Acc@1 ({swept.num_images} images) at tau_i2t="
+                    f"{grid.taus_i2t[i]:g}, tau_t2t={grid.taus_t2t[t]:g}; "
+                    f"zero-shot {100 * swept.zero_shot_acc1:.1f}%"
+                ),
+                best=(best.point.alpha, best.point.beta),
+            )
+            outputs["heatmap"] = "heatmap_train_acc1.png"
+        except Exception as error:  # noqa: BLE001  (any failure costs only this)
+            _figure_failed("heatmap", error, failures)
 
-    picked = _pick_samples(zero_shot, core, config.qualitative_samples, config.seed)
-    samples = qualitative_samples(
-        config,
-        classes,
-        test,
-        embedded,
-        neighbours,
-        zero_shot,
-        core,
-        chosen,
-        resources.database,
-        rows=picked,
+    try:
+        picked = _pick_samples(zero_shot, core, config.qualitative_samples, config.seed)
+        samples = qualitative_samples(
+            config,
+            classes,
+            test,
+            embedded,
+            neighbours,
+            zero_shot,
+            core,
+            chosen,
+            resources.database,
+            rows=picked,
+        )
+        notes = [config.notice] if config.get("notice") else []
+        notes.append(
+            "alpha={alpha:g}, beta={beta:g}, tau_i2t={tau_i2t:g}, "
+            "tau_t2t={tau_t2t:g}; caption weights are the image side's".format(**chosen)
+        )
+        report.write_qualitative_page(
+            run_dir / "qualitative.html",
+            samples,
+            title=f"CoRE on {config.dataset.name or 'dataset'}: test samples",
+            notes=notes,
+        )
+        outputs["qualitative"] = "qualitative.html"
+    except Exception as error:  # noqa: BLE001  (any failure costs only this)
+        _figure_failed("qualitative", error, failures)
+    return outputs
+
+
+def _figure_failed(name: str, error: Exception, failures: dict) -> None:
+    failures[name] = f"{type(error).__name__}: {error}"
+    logging.warning(
+        "Could not write the %s (%s); results.json and predictions.csv are "
+        "complete without it",
+        name,
+        failures[name],
     )
-    notes = [config.notice] if config.get("notice") else []
-    notes.append(
-        "alpha={alpha:g}, beta={beta:g}, tau_i2t={tau_i2t:g}, tau_t2t={tau_t2t:g}; "
-        "caption weights are the image side's".format(**chosen)
-    )
-    report.write_qualitative_page(
-        run_dir / "qualitative.html",
-        samples,
-        title=f"CoRE on {config.dataset.name or 'dataset'}: test samples",
-        notes=notes,
-    )
-    outputs["qualitative"] = "qualitative.html"
-    return {"per_class": per_class, "sweep": sweep_summary, "outputs": outputs}
 
 
 # ---------------------------------------------------------------------------

@@ -195,7 +195,11 @@ def test_run_writes_every_output(run):
     } <= names
     results = json.loads((run.run_dir / "results.json").read_text())
     assert results["dataset"]["classes"] == 6
-    assert results["dataset"]["test_images"] == 6 * TEST_PER_CLASS + 1
+    # The unreadable image is listed but not evaluated.
+    assert results["dataset"]["test_images"] == 6 * TEST_PER_CLASS
+    assert results["dataset"]["test_images_listed"] == 6 * TEST_PER_CLASS + 1
+    assert results["dataset"]["test_skipped"] == 1
+    assert results["dataset"]["train_images"] == 6 * TRAIN_PER_CLASS
     assert results["versions"]["jax"]
     assert results["config"]["k"] == 5
     assert "image_embeddings_test" in results["timings_s"]
@@ -496,3 +500,22 @@ def test_a_database_from_another_model_stops_the_run_first(run, world, tmp_path)
     # Stopped before any stage ran and before the run directory was made.
     assert not (world["root"] / "runs" / "other_model").exists()
     assert not (tmp_path / "cache" / "class_prototypes").exists()
+
+
+def test_a_failing_page_costs_the_page_not_the_results(run, world, monkeypatch):
+    from core_jax import report
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("no space left for the page")
+
+    monkeypatch.setattr(report, "write_qualitative_page", fail)
+    again = pipeline.evaluate(world_config(world, run_name="page_fails"))
+    written = json.loads((again.run_dir / "results.json").read_text())
+    assert "no space left for the page" in written["report_errors"]["qualitative"]
+    assert "qualitative" not in written["outputs"]
+    assert written["outputs"]["heatmap"] == "heatmap_train_acc1.png"
+    assert written["test"] == run.results["test"]
+    assert (again.run_dir / "predictions.csv").read_bytes() == (
+        run.run_dir / "predictions.csv"
+    ).read_bytes()
+    assert not (again.run_dir / "qualitative.html").exists()

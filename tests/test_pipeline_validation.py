@@ -104,3 +104,45 @@ def test_a_non_integer_count_is_refused():
     config.k = 2.5
     with pytest.raises(pipeline.PipelineError, match=r"--config\.k=2\.5"):
         pipeline.validate_config(config)
+
+
+def _tiny_dataset(root):
+    from PIL import Image
+
+    (root / "images").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(root / "images" / "a.png")
+    (root / "class_mapping.csv").write_text("id,name\n0,cat\n")
+    (root / "train.csv").write_text("filename,class_id\nimages/a.png,0\n")
+    (root / "test.csv").write_text(
+        "filename,class_id\nimages/a.png,0\nimages/gone.png,0\n"
+    )
+
+
+def test_skipped_images_have_one_format_with_the_csv_line(tmp_path):
+    import numpy as np
+
+    _tiny_dataset(tmp_path)
+    config = _config(**{"dataset.root": str(tmp_path)})
+    _, _, test = pipeline.load_dataset(config)
+    assert test.paths == [str(tmp_path / "images" / "a.png")]
+    embedded = pipeline.Embedded(
+        embeddings=np.zeros((0, 4), np.float32),
+        kept=np.zeros(0, np.int64),
+        skipped=[(test.paths[0], "cannot decode")],
+        keys=[],
+    )
+    entries = pipeline.skipped_entries(test, embedded)
+    assert entries[0]["path"] == str(tmp_path / "images" / "gone.png")
+    assert entries[0]["line"] == 3
+    assert entries[1] == {"path": test.paths[0], "reason": "cannot decode"}
+    assert all(set(e) <= {"path", "reason", "line"} for e in entries)
+
+
+def test_a_missing_image_with_on_error_raise_names_the_config_field(tmp_path):
+    _tiny_dataset(tmp_path)
+    config = _config(on_error="raise", **{"dataset.root": str(tmp_path)})
+    with pytest.raises(ValueError) as error:
+        pipeline.load_dataset(config)
+    assert "gone.png" in str(error.value)
+    assert "--config.on_error=skip" in str(error.value)
+    assert "on_missing" not in str(error.value)
