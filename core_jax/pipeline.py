@@ -2005,7 +2005,16 @@ def read_class_list(path: str | os.PathLike) -> ClassList:
     path = pathlib.Path(path)
     if not path.is_file():
         raise PipelineError(f"class list {str(path)!r} does not exist")
-    text = path.read_text(encoding="utf-8-sig")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise PipelineError(
+            f"class list {path}: line {line}: byte 0x{data[error.start]:02x} at "
+            f"offset {error.start} is not UTF-8 ({error.reason}); re-encode the "
+            "file as UTF-8"
+        ) from None
     names, commons, templates = [], [], []
     if path.suffix.lower() == ".csv":
         import csv

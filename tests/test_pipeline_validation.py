@@ -146,3 +146,16 @@ def test_a_missing_image_with_on_error_raise_names_the_config_field(tmp_path):
     assert "gone.png" in str(error.value)
     assert "--config.on_error=skip" in str(error.value)
     assert "on_missing" not in str(error.value)
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".csv"])
+def test_a_class_list_that_is_not_utf8_names_file_line_and_byte(tmp_path, suffix):
+    path = tmp_path / f"classes{suffix}"
+    header = b"name\n" if suffix == ".csv" else b""
+    path.write_bytes(header + b"cat\nd\xe9j\xe0 vu\n")
+    with pytest.raises(pipeline.PipelineError) as error:
+        pipeline.read_class_list(path)
+    message = str(error.value)
+    assert str(path) in message
+    assert f"line {3 if suffix == '.csv' else 2}" in message
+    assert "0xe9" in message
