@@ -1320,8 +1320,57 @@ def _config_dict(config) -> dict:
     return json.loads(report.to_json(config.to_dict()))
 
 
-def _comparable(config_dict: dict) -> dict:
-    return {k: v for k, v in config_dict.items() if k not in ("overwrite", "resume")}
+# Fields that decide where things go or how a run is driven, never what it
+# computes: a resumed run may change them.
+_RESUMABLE_FIELDS = frozenset(
+    {
+        "overwrite",
+        "resume",
+        "compilation_cache_dir",
+        "cache_dir",
+        "output_dir",
+        "image_workers",
+        "qualitative_samples",
+        "distributed",
+        "coordinator_address",
+        "num_processes",
+        "process_id",
+    }
+)
+
+
+def _flatten(config_dict: Mapping, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in config_dict.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def config_differences(previous: Mapping, current: Mapping) -> list[str]:
+    """The fields that differ between two configs and could change results.
+
+    Args:
+      previous: a run's stored config.json.
+      current: this run's config, as plain data.
+
+    Returns:
+      "field: old -> new" for each differing field, sorted; fields in
+      `_RESUMABLE_FIELDS` are left out.
+    """
+    old, new = _flatten(previous), _flatten(current)
+    missing = object()
+    differences = []
+    for field in sorted(set(old) | set(new)):
+        if field in _RESUMABLE_FIELDS:
+            continue
+        before, after = old.get(field, missing), new.get(field, missing)
+        if before != after:
+            show = lambda v: "(absent)" if v is missing else repr(v)  # noqa: E731
+            differences.append(f"{field}: {show(before)} -> {show(after)}")
+    return differences
 
 
 def prepare_run_dir(config) -> pathlib.Path:
@@ -1351,11 +1400,23 @@ def prepare_run_dir(config) -> pathlib.Path:
                     if previous_file.exists()
                     else None
                 )
-                if previous is None or _comparable(previous) != _comparable(current):
+                if previous is None:
+                    raise RunDirectoryExistsError(
+                        f"cannot resume {run_dir}: it has no config.json to "
+                        "compare with; choose another --config.run_name or pass "
+                        "--config.overwrite=True"
+                    )
+                differences = config_differences(previous, current)
+                if differences:
+                    listed = "; ".join(differences[:10])
+                    more = len(differences) - 10
                     raise RunDirectoryExistsError(
                         f"cannot resume {run_dir}: its config.json differs from "
-                        "this run's config; choose another --config.run_name or "
-                        "pass --config.overwrite=True"
+                        f"this run's config in {len(differences)} field(s) "
+                        f"(was -> now): {listed}"
+                        + (f"; and {more} more" if more > 0 else "")
+                        + "; pass the same values, choose another "
+                        "--config.run_name or pass --config.overwrite=True"
                     )
                 logging.info("Resuming in %s", run_dir)
             else:

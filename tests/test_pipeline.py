@@ -170,6 +170,31 @@ def test_resume_needs_the_same_config(tmp_path):
         pipeline.prepare_run_dir(config)
 
 
+def test_a_refused_resume_names_the_fields_and_values(tmp_path):
+    config = _config(tmp_path, run_name="mine")
+    pipeline.prepare_run_dir(config)
+    config.resume = True
+    config.k = 3
+    config.dataset.templates = ("a {}",)
+    with pytest.raises(pipeline.RunDirectoryExistsError) as error:
+        pipeline.prepare_run_dir(config)
+    message = str(error.value)
+    assert "2 field(s)" in message
+    assert "k: 10 -> 3" in message
+    assert "dataset.templates: ['A photo of a {}.'] -> ['a {}']" in message
+
+
+def test_settings_that_cannot_change_results_do_not_block_a_resume(tmp_path):
+    config = _config(tmp_path, run_name="mine")
+    pipeline.prepare_run_dir(config)
+    config.resume = True
+    config.compilation_cache_dir = str(tmp_path / "xla")
+    config.cache_dir = str(tmp_path / "elsewhere")
+    config.image_workers = 1
+    config.qualitative_samples = 0
+    assert pipeline.prepare_run_dir(config).name == "mine"
+
+
 def test_overwrite_removes_the_old_outputs(tmp_path):
     config = _config(tmp_path, run_name="mine")
     run_dir = pipeline.prepare_run_dir(config)
