@@ -183,11 +183,16 @@ _UTF8_BOM = codecs.BOM_UTF8
 
 
 BINARY_SKIP = "binary data (NUL or mostly control/undecodable bytes)"
-# C0 controls other than tab, LF and CR, and DEL.
-_CONTROL_BYTES = frozenset(range(0x20)) - {0x09, 0x0A, 0x0D} | {0x7F}
-# The five bytes cp1252 leaves undefined.
-_CP1252_UNDEFINED = frozenset((0x81, 0x8D, 0x8F, 0x90, 0x9D))
-_PRINTABLE_ASCII = frozenset(range(0x20, 0x7F)) | {0x09}
+# Byte sets as `bytes`, for counting with the C-speed `bytes.translate`:
+# C0 controls other than tab, LF and CR, and DEL; those plus the five bytes
+# cp1252 leaves undefined; printable ASCII and tab.
+_CONTROL_BYTES = bytes(sorted(set(range(0x20)) - {0x09, 0x0A, 0x0D} | {0x7F}))
+_CONTROL_OR_UNDEFINED = _CONTROL_BYTES + bytes((0x81, 0x8D, 0x8F, 0x90, 0x9D))
+_PRINTABLE_ASCII = bytes(range(0x20, 0x7F)) + b"\t"
+
+
+def _count_in(raw: bytes, members: bytes) -> int:
+    return len(raw) - len(raw.translate(None, members))
 
 
 def looks_binary(raw: bytes, utf8: bool) -> bool:
@@ -212,10 +217,10 @@ def looks_binary(raw: bytes, utf8: bool) -> bool:
         return False
     if b"\0" in raw:
         return True
-    bad = _CONTROL_BYTES if utf8 else _CONTROL_BYTES | _CP1252_UNDEFINED
-    if sum(b in bad for b in raw) > 0.1 * len(raw):
+    bad = _CONTROL_BYTES if utf8 else _CONTROL_OR_UNDEFINED
+    if _count_in(raw, bad) > 0.1 * len(raw):
         return True
-    return not utf8 and sum(b in _PRINTABLE_ASCII for b in raw) < 0.5 * len(raw)
+    return not utf8 and _count_in(raw, _PRINTABLE_ASCII) < 0.5 * len(raw)
 
 
 def _decode(raw: bytes, stats: CorpusStats, row: int) -> str | None:

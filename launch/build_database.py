@@ -7,7 +7,11 @@ r"""Builds a caption database: texts, SigLIP text embeddings, t2t column, indexe
         --config.database_dir=/data/cc12m_db
 
 Interrupted builds resume: run the same command again and finished shards
-are checked and kept, a half-written one is redone.
+are checked and kept, a half-written one is redone. Run on a complete
+database, the command checks its files against the manifest and rebuilds
+any damaged or missing shard (and the indexes). A corpus file whose size or
+modification time changed since the build is refused: build it into a new
+--config.database_dir.
 """
 
 import jax.numpy as jnp
