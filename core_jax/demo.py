@@ -478,12 +478,34 @@ def _readme(config) -> str:
     )
 
 
+def missing_inputs(config) -> list[str]:
+    """The demo's input files that are not in the work directory.
+
+    Args:
+      config: the demo config (`configs/demo.py`).
+
+    Returns:
+      The missing paths, empty when the work directory is complete.
+    """
+    dataset = pathlib.Path(config.dataset.root)
+    needed = [
+        pathlib.Path(config.model.checkpoint),
+        pathlib.Path(config.model.tokenizer),
+        pathlib.Path(config.database_dir) / "manifest.json",
+        dataset / "class_mapping.csv",
+        dataset / f"{config.dataset.train_split}.csv",
+        dataset / f"{config.dataset.test_split}.csv",
+    ]
+    return [os.fspath(path) for path in needed if not path.exists()]
+
+
 def prepare(config) -> pathlib.Path:
     """Writes the demo's inputs into `config.demo.workdir`, once.
 
     A finished work directory is marked by `demo.json` holding the settings
-    it was built with; with the same settings nothing is redone. A missing,
-    unfinished or different one is rebuilt (cached stages and runs are kept;
+    it was built with; with the same settings and every input file present
+    nothing is redone. A missing, incomplete, unfinished or different one is
+    rebuilt (cached stages and runs are kept;
     the cache keys see the new files).
 
     Args:
@@ -496,9 +518,16 @@ def prepare(config) -> pathlib.Path:
     stamp = workdir / "demo.json"
     settings = _settings(config)
     if stamp.exists() and json.loads(stamp.read_text("utf-8")) == settings:
-        logging.info("Demo inputs in %s are ready; reusing them", workdir)
-        logging.warning("%s", config.notice)
-        return workdir
+        missing = missing_inputs(config)
+        if not missing:
+            logging.info("Demo inputs in %s are ready; reusing them", workdir)
+            logging.warning("%s", config.notice)
+            return workdir
+        logging.warning(
+            "Demo inputs in %s are incomplete (%s missing); writing them again",
+            workdir,
+            ", ".join(missing),
+        )
 
     start = time.perf_counter()
     logging.info("Writing the demo's inputs into %s", workdir)
