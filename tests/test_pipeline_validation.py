@@ -159,3 +159,17 @@ def test_a_class_list_that_is_not_utf8_names_file_line_and_byte(tmp_path, suffix
     assert str(path) in message
     assert f"line {3 if suffix == '.csv' else 2}" in message
     assert "0xe9" in message
+
+
+def test_hyperparameters_taken_from_a_results_file_are_checked_too(tmp_path):
+    results = tmp_path / "results.json"
+    results.write_text(
+        '{"hyperparameters": {"alpha": 0.5, "beta": 0.5, "tau_i2t": 1.0, '
+        '"tau_t2t": 0.0}}'
+    )
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    with pytest.raises(pipeline.PipelineError) as error:
+        pipeline.classify(_config(), tmp_path, classes, results_from=results)
+    assert str(results) in str(error.value)
+    assert "--config.tau_t2t=0.0" in str(error.value)
