@@ -726,7 +726,13 @@ def build(
     shards_dir.mkdir(parents=True, exist_ok=True)
     build_file = directory / _BUILD_FILE
     if build_file.is_file():
-        previous = json.loads(build_file.read_text())
+        try:
+            previous = json.loads(build_file.read_text())
+        except json.JSONDecodeError as error:
+            raise DatabaseError(
+                f"{build_file} is not valid JSON ({error}); it records the build's "
+                "settings, so use a new --config.database_dir"
+            ) from error
         # Directories built before the corpus was identified lack the key.
         recorded = previous.pop("corpus_file", None)
         if previous != settings:

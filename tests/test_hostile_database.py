@@ -441,3 +441,9 @@ def test_jsonl_line_numbers_in_errors_are_1_based(tmp_path, encoder):
     corpus.write_text("\n" + json.dumps({"text": "a"}) + "\n")
     with pytest.raises(database.DatabaseError, match="line 2 has no caption column"):
         _build(corpus, tmp_path / "db", encoder, column="caption")
+
+
+def test_unreadable_build_json_is_named(small_db, encoder):
+    (small_db / "build.json").write_text("{cut off")
+    with pytest.raises(database.DatabaseError, match="build.json is not valid JSON"):
+        _build(small_db.parent / "captions.txt", small_db, encoder, shard_size=16)
