@@ -449,12 +449,18 @@ def _hits(from_image, difference, row_mix, labels, valid, ks):
     num_classes = from_image.shape[1]
     before = jnp.arange(num_classes)[None, :] < true_class
     ahead = jnp.where(before, margin >= 0, margin > 0)
-    rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # (B, n)
     # Comparisons with NaN are False, which would rank the true class first:
-    # a row holding any non-finite score gets rank C instead, a hit at no k
-    # once k is capped at C.
-    finite = jnp.all(jnp.isfinite(margin), axis=-1)
-    rank = jnp.where(finite, rank, num_classes)
+    # a row holding any non-finite score gets rank C or worse instead, a hit
+    # at no k once k is capped at C. Adding C per non-finite margin keeps
+    # this to one pass over the margins; past C = 46340 those sums could
+    # overflow int32, so a separate check of the row is made instead.
+    finite = jnp.isfinite(margin)
+    if num_classes * num_classes < 2**31:
+        ahead = jnp.where(finite, ahead.astype(jnp.int32), num_classes)
+        rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)  # (B, n)
+    else:
+        rank = jnp.sum(ahead, axis=-1, dtype=jnp.int32)
+        rank = jnp.where(jnp.all(finite, axis=-1), rank, num_classes)
     return jnp.stack(
         [
             jnp.sum(valid & (rank < min(k, num_classes)), axis=-1, dtype=jnp.int32)

@@ -466,3 +466,21 @@ def test_hit_counting_never_counts_a_non_finite_score():
     # beta = 0: rows 1-3 are all-equal finite rows with label 0 -> first by
     # index, hits; row 0 lost to NaN; row 4 second. beta = 1: row 4 first.
     np.testing.assert_array_equal(hits, [[3, 4], [4, 4]])
+
+
+def test_hit_counting_with_many_classes_never_counts_a_non_finite_score():
+    # Past C = 46340 the non-finite rows are found by a separate check (a
+    # per-margin penalty of C could overflow int32). Rows: 0 true class first
+    # (score 1, rest 0); 1 all NaN; 2 one +inf off the true class; 3 true
+    # class second (class 0 scores 2): a hit at k = 5 only.
+    c = 46_341
+    from_image = np.zeros((4, c), np.float32)
+    from_image[0, 7] = 1.0
+    from_image[1] = np.nan
+    from_image[2, 9] = np.inf
+    from_image[3, [0, 7]] = [2.0, 1.0]
+    labels = np.array([7, 7, 7, 7], np.int32)
+    hits = sweep._hits(
+        from_image, None, np.zeros((1, 4), np.float32), labels, np.ones(4, bool), (1, 5)
+    )
+    np.testing.assert_array_equal(hits, [[1, 2]])
