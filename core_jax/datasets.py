@@ -104,6 +104,29 @@ class Split:
         return np.bincount(self.labels, minlength=self.num_classes)
 
 
+def decode_utf8(data: bytes, where: str, error: type[ValueError] | None = None) -> str:
+    """Decodes a UTF-8 text file's bytes (a byte-order mark is dropped).
+
+    Args:
+      data: the file's bytes.
+      where: how the file is named in the error, e.g. its path.
+      error: the ValueError subclass to raise; `DatasetError` by default.
+
+    Raises:
+      error: naming the line, the byte and its offset of the first byte that
+        is not UTF-8; nothing is guessed.
+    """
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as problem:
+        line = data[: problem.start].count(b"\n") + 1
+        raise (error or DatasetError)(
+            f"{where}: line {line}: byte 0x{data[problem.start]:02x} at offset "
+            f"{problem.start} is not UTF-8 ({problem.reason}); re-encode the file "
+            "as UTF-8"
+        ) from None
+
+
 def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Reads a CSV file strictly as UTF-8.
 
@@ -118,15 +141,7 @@ def _read_csv(path: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     except OSError as error:
         raise DatasetError(f"{path}: cannot read ({error.strerror})") from None
 
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise DatasetError(
-            f"{path}: line {line}: byte 0x{data[error.start]:02x} at offset "
-            f"{error.start} is not UTF-8 ({error.reason}); re-encode the file as "
-            "UTF-8"
-        ) from None
+    text = decode_utf8(data, str(path))
 
     reader = csv.reader(io.StringIO(text, newline=""))
     try:

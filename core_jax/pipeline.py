@@ -2066,16 +2066,9 @@ def read_class_list(path: str | os.PathLike) -> ClassList:
     path = pathlib.Path(path)
     if not path.is_file():
         raise PipelineError(f"class list {str(path)!r} does not exist")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        line = data[: error.start].count(b"\n") + 1
-        raise PipelineError(
-            f"class list {path}: line {line}: byte 0x{data[error.start]:02x} at "
-            f"offset {error.start} is not UTF-8 ({error.reason}); re-encode the "
-            "file as UTF-8"
-        ) from None
+    from core_jax import datasets
+
+    text = datasets.decode_utf8(path.read_bytes(), f"class list {path}", PipelineError)
     names, commons, templates = [], [], []
     if path.suffix.lower() == ".csv":
         import csv
